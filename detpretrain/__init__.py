@@ -1,0 +1,13 @@
+"""detpretrain: detection-oriented pre-trained CNN backbones as a timm zoo.
+
+``import detpretrain`` registers every zoo row as a timm pretrained tag, so that
+``timm.create_model("resnext101_32x8d.predet", pretrained=True)`` downloads its safetensors from the Hugging Face Hub.
+"""
+
+from detpretrain.zoo import ZOO, PaperResult, ZooEntry, get_entry, pretrained_cfg, register_entry, register_with_timm
+
+__version__ = "0.1.0"
+
+__all__ = ["ZOO", "PaperResult", "ZooEntry", "get_entry", "pretrained_cfg", "register_entry", "__version__"]
+
+register_with_timm()
