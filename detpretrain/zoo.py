@@ -259,7 +259,7 @@ def _build_zoo() -> dict[str, ZooEntry]:
                 tag="jigsaw",
                 method="Jigsaw",
                 recipe="train_jigsaw.py",
-                data="COCO train2017 (118k images, 80 categories): the detection dataset itself (montage_jigsaw.txt §4)",
+                data="COCO train2017 (118k images, 80 categories), the detection data itself (montage_jigsaw.txt §4)",
                 license="apache-2.0",
                 paper=JIGSAW_PAPER,
                 results=results,
@@ -400,7 +400,6 @@ def markdown_table() -> str:
             f"| {_format_results(entry)} |"
         )
     return "\n".join(lines)
-
 
 
 README_START, README_END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"

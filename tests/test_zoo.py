@@ -112,8 +112,9 @@ def test_changed_timm_layout_gives_a_clear_error(monkeypatch):
 def test_every_zoo_arch_is_a_detection_backbone(arch):
     """features_only gives strides 4..32 with the channels FPN needs, checked by a forward on the meta device."""
     with torch.device("meta"):  # no real weights: regnety_640 and the 101-layer ResNeXts would take seconds each
-        model = timm.create_model(f"{arch}.{'jigsaw' if arch == 'resnet101' else 'predet'}", features_only=True,
-                                  out_indices=(1, 2, 3, 4))
+        model = timm.create_model(
+            f"{arch}.{'jigsaw' if arch == 'resnet101' else 'predet'}", features_only=True, out_indices=(1, 2, 3, 4)
+        )
         features = model(torch.empty(1, 3, 256, 320))
     assert model.feature_info.reduction() == [4, 8, 16, 32]
     assert [f.shape[1] for f in features] == model.feature_info.channels()
