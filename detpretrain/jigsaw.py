@@ -1,0 +1,1076 @@
+"""Jigsaw (Montage) pre-training mechanisms: sample extraction, Jigsaw assembly and ERF-adaptive label weights.
+
+Zhou et al., "Cheaper Pre-training Lunch: An Efficient Paradigm for Object Detection" (``papers/montage_jigsaw.txt``).
+
+- §3.1 sample extraction: ``ImageRecord``, ``coco_image_records``, ``plan_positive_samples``,
+  ``plan_negative_samples``, ``plan_samples``, ``extract_samples`` (writes one sample file), ``JigsawSampleFile``
+  (reads it back, one sample per index).
+- §3.2 Jigsaw assembly: ``sample_group``, ``JigsawTemplate`` and its presets ``JIGSAW_TEMPLATES``,
+  ``assemble_jigsaw``, ``sample_jigsaw``, ``normalize_jigsaw_image``.
+- §3.3 ERF-adaptive dense classification: ``JigsawClassifier`` (the final FC as a 1x1 convolution),
+  ``compute_erf`` (gradient ERF as in Luo et al. [17]), ``feature_region_index``, ``erf_region_shares`` and
+  ``erf_label_weights`` (Eq. 2). The losses (Eq. 1 and the three strategies of Tab. 2) are in ``detpretrain.losses``.
+- ``--visualize`` and Fig. 6: ``render_jigsaw``, ``render_erf``.
+
+Where the paper is silent the reading is ours; each is marked "(our choice)" in a comment and is listed in
+``PAPER_NOTES.md`` ("Jigsaw / Montage"), which also reconstructs Eq. 2 and the lost template of Fig. 4.
+
+Glossary (names and shapes used throughout):
+
+    N              boxes of one image
+    S              samples in a sample file
+    R = 4          template regions, always in the order REGION_NAMES: top_left (smaller S-sample),
+                   top_right (W-sample), bottom_left (T-sample), bottom_right (larger S-sample)
+    H, W           canvas (assembled image) height and width, 224 x 224 by default
+    h, w           the last feature map (stride 32 before pooling: 7 x 7 on a 224 canvas)
+    B              assembled images in a batch
+    gt_boxes       (N, 4) float32 xyxy, pixels, inside the image
+    labels         class indices: 0 = background (negative samples), 1..C = the dataset's categories
+    sample boxes   (S, 4) int64 xyxy: the crop window of each sample in its source image (integer pixel edges)
+    erf            (h, w, H, W) float >= 0: mean |d feature(j, k) / d input| summed over RGB
+    shares         (h, w, R) float: rho_i of Eq. 2, the share of the ERF mass of position (j, k) inside region i
+    label_weights  (h, w, R) float: w_i of Eq. 2; each position's weights sum to 1
+    region_index   (h, w) int64 in [0, R): the region that holds the centre of each feature cell
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from torch import Tensor, nn
+from torchvision.ops import box_iou
+
+__all__ = [
+    "BACKGROUND_LABEL",
+    "FIT_MODES",
+    "GROUPS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "JIGSAW_TEMPLATES",
+    "REGION_COLORS",
+    "REGION_GROUPS",
+    "REGION_NAMES",
+    "SAMPLE_FILE_VERSION",
+    "DetectionRecords",
+    "ImageRecord",
+    "JigsawClassifier",
+    "JigsawImage",
+    "JigsawSample",
+    "JigsawSampleFile",
+    "JigsawTemplate",
+    "SamplePlan",
+    "assemble_jigsaw",
+    "coco_image_records",
+    "compute_erf",
+    "erf_label_weights",
+    "erf_region_shares",
+    "extract_samples",
+    "feature_region_index",
+    "get_template",
+    "label_weights_from_shares",
+    "normalize_jigsaw_image",
+    "plan_negative_samples",
+    "plan_positive_samples",
+    "plan_samples",
+    "render_erf",
+    "render_jigsaw",
+    "sample_group",
+    "sample_jigsaw",
+    "seeded_generator",
+]
+
+BACKGROUND_LABEL = 0
+"""Class index of negative samples; the classifier has C + 1 outputs (§3.3 says C: background is our addition)."""
+
+REGION_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right")
+# §3.2: the smaller S-sample top-left, the W-sample top-right, the T-sample bottom-left, the larger S bottom-right.
+REGION_GROUPS = ("S", "W", "T", "S")
+GROUPS = ("S", "T", "W")
+
+# §4.1 "Pre-training Augmentation": normalization after stitching (the ImageNet statistics).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+FIT_MODES = ("pad_crop", "warp", "resize")
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU torch.Generator seeded from a tuple of non-negative ints, e.g. (seed, image_id, stream).
+
+    numpy's SeedSequence mixes the keys, so nearby tuples give unrelated streams; the same keys always give the
+    same stream, whatever process computes it (this is what makes extraction independent of the worker count).
+    """
+    if any(int(k) < 0 for k in keys):
+        raise ValueError(f"seeded_generator needs non-negative integer keys, got {keys}")
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §3.1 Sample extraction: per-image records
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ImageRecord:
+    """One image of a detection dataset, as sample extraction sees it (COCO and VOC readers both produce these).
+
+    Invariants (checked on creation): gt_boxes is (N, 4) float32 xyxy with 0 <= x1 <= x2 <= width and
+    0 <= y1 <= y2 <= height; gt_labels is (N,) int64 >= 1; gt_crowd is (N,) bool. image_id is a non-negative int
+    (it seeds the image's random stream).
+    """
+
+    image_id: int
+    file_name: str
+    width: int
+    height: int
+    gt_boxes: Tensor
+    gt_labels: Tensor
+    gt_crowd: Tensor
+
+    def __post_init__(self) -> None:
+        n = self.gt_boxes.shape[0] if self.gt_boxes.ndim == 2 else -1
+        if self.gt_boxes.shape != (n, 4) or self.gt_labels.shape != (n,) or self.gt_crowd.shape != (n,):
+            raise ValueError(
+                f"{self.file_name}: gt_boxes must be (N, 4), gt_labels and gt_crowd (N,); got "
+                f"{tuple(self.gt_boxes.shape)}, {tuple(self.gt_labels.shape)}, {tuple(self.gt_crowd.shape)}"
+            )
+        if self.width <= 0 or self.height <= 0 or self.image_id < 0:
+            raise ValueError(f"{self.file_name}: bad image size {self.width}x{self.height} or id {self.image_id}")
+        limits = torch.tensor([self.width, self.height, self.width, self.height], dtype=self.gt_boxes.dtype)
+        outside = (self.gt_boxes < 0).any(1) | (self.gt_boxes > limits).any(1)
+        inverted = (self.gt_boxes[:, 2:] < self.gt_boxes[:, :2]).any(1)
+        bad = (outside | inverted).nonzero().flatten()
+        if len(bad):
+            box = [round(v, 2) for v in self.gt_boxes[bad[0]].tolist()]
+            raise ValueError(
+                f"{self.file_name}: box {box} (xyxy) is not inside the {self.width}x{self.height} image; "
+                "fix or remove that annotation"
+            )
+        if len(self.gt_labels) and int(self.gt_labels.min()) < 1:
+            raise ValueError(f"{self.file_name}: label {int(self.gt_labels.min())} < 1; labels 1..C are categories")
+
+
+class DetectionRecords(NamedTuple):
+    """A dataset as records: class_names[0] is "background"; label i >= 1 is class_names[i]."""
+
+    records: list[ImageRecord]
+    class_names: list[str]
+    category_ids: list[int] | None  # the source's id of label i is category_ids[i - 1] (COCO); None for VOC
+
+
+def coco_image_records(ann_file: str | Path, image_dir: str | Path, *, edge_tolerance: float = 1.0) -> DetectionRecords:
+    """Read a COCO-format instances json into ImageRecords (labels 1..C in the order of sorted category ids).
+
+    Boxes that overshoot the image by at most ``edge_tolerance`` pixels (float rounding in COCO exports) are
+    clipped; anything further outside, an unknown category id or a negative box size is an error naming the
+    annotation and what to do.
+    """
+    ann_file, image_dir = Path(ann_file), Path(image_dir)
+    with open(ann_file) as f:
+        data = json.load(f)
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
+    per_image: dict[int, list[dict]] = {image["id"]: [] for image in data["images"]}
+    for ann in data["annotations"]:
+        if ann["category_id"] not in label_of:
+            raise ValueError(
+                f"{ann_file}: annotation {ann['id']} has category_id {ann['category_id']}, which is not in "
+                "'categories'; add the category or remove the annotation"
+            )
+        if ann["image_id"] not in per_image:
+            raise ValueError(f"{ann_file}: annotation {ann['id']} refers to unknown image_id {ann['image_id']}")
+        per_image[ann["image_id"]].append(ann)
+    records = []
+    for image in data["images"]:
+        width, height = int(image["width"]), int(image["height"])
+        anns = per_image[image["id"]]
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4)
+        boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+        limits = torch.tensor([width, height, width, height], dtype=torch.float64)
+        overshoot = torch.maximum(-boxes, boxes - limits).amax(dim=1) if len(anns) else torch.zeros(0)
+        for k in (overshoot > edge_tolerance).nonzero().flatten().tolist():
+            raise ValueError(
+                f"{ann_file}: annotation {anns[k]['id']} of {image['file_name']} has bbox {anns[k]['bbox']} (xywh) "
+                f"outside the {width}x{height} image; fix the annotation or the image size"
+            )
+        if len(anns) and (xywh[:, 2:] < 0).any():
+            k = int((xywh[:, 2:] < 0).any(1).nonzero()[0])
+            raise ValueError(f"{ann_file}: annotation {anns[k]['id']} has a negative bbox size {anns[k]['bbox']}")
+        boxes = torch.minimum(boxes.clamp_min(0), limits)
+        records.append(
+            ImageRecord(
+                image_id=int(image["id"]),
+                file_name=str(image_dir / image["file_name"]),
+                width=width,
+                height=height,
+                gt_boxes=boxes.float(),
+                gt_labels=torch.tensor([label_of[a["category_id"]] for a in anns], dtype=torch.int64),
+                gt_crowd=torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool),
+            )
+        )
+    return DetectionRecords(
+        records=records,
+        class_names=["background"] + [c["name"] for c in categories],
+        category_ids=[c["id"] for c in categories],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §3.1 Sample extraction: planning the crop windows (box math only, no pixels)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def plan_positive_samples(
+    record: ImageRecord, *, generator: torch.Generator, max_enlarge: float = 2.0, min_sample_size: int = 8
+) -> tuple[Tensor, Tensor, int]:
+    """Positive crop windows of one image (§3.1, Fig. 2): each non-crowd ground-truth box, enlarged at random.
+
+    Each corner moves outwards by U(0, (max_enlarge - 1) / 2) times the box width (horizontally) and height
+    (vertically), so width and height grow by up to ``max_enlarge`` x (PAPER_NOTES.md: U(0, w/2) per corner for
+    the paper's 2x). The window is rounded outwards to whole pixels and clipped at the image edges, so it always
+    contains its box and lies inside the image. Crowd boxes never become positives. Windows with a side below
+    ``min_sample_size`` pixels are dropped and counted (our choice: the paper drops nothing explicitly; 8 px).
+
+    Returns (boxes (P, 4) int64 xyxy, gt_index (P,) int64 into the record's boxes, number dropped as too small).
+    Draws exactly 4 uniforms per annotation (crowd included), so one box's draw never shifts another's.
+    """
+    gt = record.gt_boxes.double()
+    u = torch.rand((len(gt), 4), generator=generator, dtype=torch.float64)
+    size = (gt[:, 2:] - gt[:, :2]).repeat(1, 2)  # (N, 4): w, h, w, h
+    outwards = torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64)
+    enlarged = gt + outwards * u * (max_enlarge - 1.0) / 2.0 * size
+    boxes = torch.cat([enlarged[:, :2].floor(), enlarged[:, 2:].ceil()], dim=1)
+    limits = torch.tensor([record.width, record.height, record.width, record.height], dtype=torch.float64)
+    boxes = torch.minimum(boxes.clamp_min(0), limits).long()
+    large_enough = ((boxes[:, 2:] - boxes[:, :2]) >= min_sample_size).all(dim=1)
+    keep = ~record.gt_crowd & large_enough
+    num_dropped = int((~record.gt_crowd & ~large_enough).sum())
+    return boxes[keep], keep.nonzero().flatten(), num_dropped
+
+
+def plan_negative_samples(
+    record: ImageRecord,
+    *,
+    num_negatives: int,
+    positive_boxes: Tensor,
+    size_pool: Tensor,
+    generator: torch.Generator,
+    min_sample_size: int = 8,
+    num_tries: int = 64,
+) -> Tensor:
+    """Up to ``num_negatives`` background crop windows of one image (§3.1 "Negative samples").
+
+    Candidates are random boxes whose (width, height) is drawn from ``size_pool`` ((M, 2) int64, the positives'
+    sizes, so sizes and aspect ratios follow the positives' and all three groups get background: our reading,
+    PAPER_NOTES.md), shrunk keeping the aspect ratio when larger than the image, placed uniformly. A candidate is
+    kept only if its IoU is 0 with every positive sample of the image ("IoU(pos, neg) = 0") and with every ground
+    truth box, crowd regions included (our addition: crowd regions and too-small objects are not background).
+    Each negative gets ``num_tries`` candidates; the search stops at the first negative that finds none.
+
+    Returns (K, 4) int64 xyxy with K <= num_negatives.
+    """
+    if len(size_pool) == 0:
+        raise ValueError("plan_negative_samples needs a non-empty size_pool (the positives' sizes)")
+    blockers = torch.cat([positive_boxes.double(), record.gt_boxes.double()])
+    image_size = torch.tensor([record.width, record.height], dtype=torch.float64)
+    placed = []
+    for _ in range(num_negatives):
+        wh = size_pool[torch.randint(len(size_pool), (num_tries,), generator=generator)].double()
+        shrink = (image_size / wh).amin(dim=1).clamp(max=1.0)
+        wh = (wh * shrink[:, None]).floor().clamp(min=1)
+        wh = torch.minimum(wh, image_size)
+        xy = (torch.rand((num_tries, 2), generator=generator, dtype=torch.float64) * (image_size - wh + 1)).floor()
+        xy = torch.minimum(xy, image_size - wh)
+        candidates = torch.cat([xy, xy + wh], dim=1)
+        ok = (wh >= min_sample_size).all(dim=1)
+        if len(blockers):
+            ok &= (box_iou(candidates, blockers) == 0).all(dim=1)
+        if not ok.any():
+            break
+        placed.append(candidates[ok.nonzero()[0, 0]])
+    return torch.stack(placed).long() if placed else torch.zeros((0, 4), dtype=torch.int64)
+
+
+class SamplePlan(NamedTuple):
+    """Every sample of a dataset, as crop windows; positives of an image first, then its negatives, image by image."""
+
+    image_index: Tensor  # (S,) int64 into the records
+    boxes: Tensor  # (S, 4) int64 xyxy crop window in the source image
+    labels: Tensor  # (S,) int64, BACKGROUND_LABEL for negatives
+    gt_boxes: Tensor  # (S, 4) float32 xyxy ground truth of a positive, NaN for negatives
+    stats: dict[str, int]
+
+
+def plan_samples(
+    records: Sequence[ImageRecord],
+    *,
+    seed: int = 0,
+    max_enlarge: float = 2.0,
+    positives_per_negative: float = 10.0,
+    min_sample_size: int = 8,
+    negative_tries: int = 64,
+) -> SamplePlan:
+    """Plan every positive and negative sample of a dataset (§3.1); deterministic for a seed.
+
+    Positives of image i come from seeded_generator(seed, image_id, 0). The number of negatives is
+    round(positives / positives_per_negative) over the whole dataset (the paper's 10:1 is a dataset-level count,
+    PAPER_NOTES.md). They are spread evenly over images (our choice): images are visited in a random order drawn
+    from seeded_generator(seed), one negative per image per pass, pass c drawing from
+    seeded_generator(seed, image_id, 1 + c), until the count is reached; an image where a negative finds no free
+    place is not visited again. ``stats["negative_shortfall"]`` counts negatives no image could host.
+    """
+    ids = [r.image_id for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError("image_id values must be unique: they seed each image's random stream")
+    positives = [
+        plan_positive_samples(
+            record,
+            generator=seeded_generator(seed, record.image_id, 0),
+            max_enlarge=max_enlarge,
+            min_sample_size=min_sample_size,
+        )
+        for record in records
+    ]
+    num_positives = sum(len(boxes) for boxes, _, _ in positives)
+    if num_positives == 0:
+        raise ValueError("no positive samples: every box is a crowd region or smaller than min_sample_size")
+    size_pool = torch.cat([boxes[:, 2:] - boxes[:, :2] for boxes, _, _ in positives])
+    num_negatives = round(num_positives / positives_per_negative)
+
+    negatives: list[list[Tensor]] = [[] for _ in records]
+    exhausted = torch.zeros(len(records), dtype=torch.bool)
+    order = torch.randperm(len(records), generator=seeded_generator(seed)).tolist()
+    remaining, rounds = num_negatives, 0
+    while remaining > 0 and not bool(exhausted.all()):
+        for i in order:
+            if remaining == 0:
+                break
+            if exhausted[i]:
+                continue
+            found = plan_negative_samples(
+                records[i],
+                num_negatives=1,
+                positive_boxes=positives[i][0],
+                size_pool=size_pool,
+                generator=seeded_generator(seed, records[i].image_id, 1 + rounds),
+                min_sample_size=min_sample_size,
+                num_tries=negative_tries,
+            )
+            if len(found) == 0:
+                exhausted[i] = True
+                continue
+            negatives[i].append(found)
+            remaining -= 1
+        rounds += 1
+
+    image_index, boxes, labels, gt_boxes = [], [], [], []
+    nan_box = torch.full((1, 4), float("nan"))
+    for i, (record, (pos_boxes, gt_index, _), negs) in enumerate(zip(records, positives, negatives, strict=True)):
+        neg_boxes = torch.cat(negs) if negs else torch.zeros((0, 4), dtype=torch.int64)
+        image_index.append(torch.full((len(pos_boxes) + len(neg_boxes),), i, dtype=torch.int64))
+        boxes += [pos_boxes, neg_boxes]
+        labels += [record.gt_labels[gt_index], torch.full((len(neg_boxes),), BACKGROUND_LABEL, dtype=torch.int64)]
+        gt_boxes += [record.gt_boxes[gt_index].float(), nan_box.expand(len(neg_boxes), 4)]
+    stats = {
+        "num_images": len(records),
+        "num_gt_boxes": sum(len(r.gt_boxes) for r in records),
+        "num_crowd_boxes": sum(int(r.gt_crowd.sum()) for r in records),
+        "num_positives": num_positives,
+        "num_negatives": num_negatives - remaining,
+        "num_dropped_too_small": sum(dropped for _, _, dropped in positives),
+        "negative_shortfall": remaining,
+    }
+    return SamplePlan(torch.cat(image_index), torch.cat(boxes), torch.cat(labels), torch.cat(gt_boxes), stats)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §3.1 Sample extraction: the sample file (written once, read by index)
+# ---------------------------------------------------------------------------------------------------------------
+#
+# Layout (little-endian), one file per dataset:
+#   MAGIC (8 bytes) | header length (uint64) | header (UTF-8 JSON) | index (S records of _INDEX_DTYPE) | JPEG bytes
+# The header holds the format version, the extraction parameters, class names, source images and statistics.
+# Index offsets count from the first JPEG byte. Crops are JPEG-encoded at native resolution.
+
+SAMPLE_FILE_VERSION = 1
+_MAGIC = b"DPJIGSW\n"
+_INDEX_DTYPE = np.dtype(
+    [
+        ("offset", "<u8"),
+        ("length", "<u4"),
+        ("label", "<i4"),
+        ("image_index", "<u4"),
+        ("box", "<i4", (4,)),
+        ("gt_box", "<f4", (4,)),
+    ]
+)
+
+
+def _encode_crops(task: tuple[str, int, int, list[list[int]], int]) -> list[bytes]:
+    """Decode one source image and JPEG-encode its crops (runs in extraction workers)."""
+    file_name, width, height, boxes, quality = task
+    try:
+        with Image.open(file_name) as image:
+            image.load()
+            rgb = image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(
+            f"{file_name}: cannot decode the image ({error}); replace the file or drop the image"
+        ) from None
+    if rgb.size != (width, height):
+        raise ValueError(
+            f"{file_name}: the image is {rgb.size[0]}x{rgb.size[1]} but the annotations say {width}x{height}; "
+            "fix the annotation file"
+        )
+    crops = []
+    for box in boxes:
+        buffer = io.BytesIO()
+        rgb.crop(tuple(box)).save(buffer, format="JPEG", quality=quality)
+        crops.append(buffer.getvalue())
+    return crops
+
+
+def extract_samples(
+    records: Sequence[ImageRecord],
+    *,
+    class_names: Sequence[str],
+    output_path: str | Path,
+    seed: int = 0,
+    max_enlarge: float = 2.0,
+    positives_per_negative: float = 10.0,
+    min_sample_size: int = 8,
+    negative_tries: int = 64,
+    jpeg_quality: int = 95,
+    num_workers: int = 0,
+    category_ids: Sequence[int] | None = None,
+    progress: bool = False,
+) -> dict[str, int]:
+    """Extract the positive and negative samples of a dataset (§3.1) into one sample file; returns the stats.
+
+    Planning (plan_samples) is box math in this process; decoding and JPEG encoding run over images in a pool of
+    ``num_workers`` processes (0: in this process). The file is identical for any worker count. It is written to a
+    temporary name beside ``output_path`` and renamed into place, so a reader never sees half a file.
+    ``jpeg_quality`` 95 is our choice (crops are stored at native resolution, the paper stores "samples").
+    """
+    if class_names[0] != "background":
+        raise ValueError(f"class_names[0] must be 'background' (label {BACKGROUND_LABEL}), got {class_names[0]!r}")
+    for record in records:
+        if len(record.gt_labels) and int(record.gt_labels.max()) >= len(class_names):
+            raise ValueError(
+                f"{record.file_name}: label {int(record.gt_labels.max())} is not a known category "
+                f"(class_names has {len(class_names) - 1}); fix the annotation or the class list"
+            )
+        if not os.path.isfile(record.file_name):
+            raise FileNotFoundError(f"{record.file_name}: image not found; check the image directory")
+    params = {
+        "seed": seed,
+        "max_enlarge": max_enlarge,
+        "positives_per_negative": positives_per_negative,
+        "min_sample_size": min_sample_size,
+        "negative_tries": negative_tries,
+        "jpeg_quality": jpeg_quality,
+    }
+    plan = plan_samples(
+        records,
+        seed=seed,
+        max_enlarge=max_enlarge,
+        positives_per_negative=positives_per_negative,
+        min_sample_size=min_sample_size,
+        negative_tries=negative_tries,
+    )
+    index = np.zeros(len(plan.labels), dtype=_INDEX_DTYPE)
+    index["label"] = plan.labels.numpy()
+    index["image_index"] = plan.image_index.numpy()
+    index["box"] = plan.boxes.numpy()
+    index["gt_box"] = plan.gt_boxes.numpy()
+    header = json.dumps(
+        {
+            "format": "detpretrain.jigsaw_samples",
+            "format_version": SAMPLE_FILE_VERSION,
+            "num_samples": len(index),
+            "extraction": params,
+            "stats": plan.stats,
+            "class_names": list(class_names),
+            "category_ids": list(category_ids) if category_ids is not None else None,
+            "images": {
+                "file_names": [r.file_name for r in records],
+                "image_ids": [r.image_id for r in records],
+            },
+        }
+    ).encode()
+    counts = torch.bincount(plan.image_index, minlength=len(records)).tolist()
+    starts = np.cumsum([0] + counts)
+    tasks = [
+        (r.file_name, r.width, r.height, plan.boxes[starts[i] : starts[i + 1]].tolist(), jpeg_quality)
+        for i, r in enumerate(records)
+        if counts[i]
+    ]
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = output_path.with_name(f".{output_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp_path, "wb") as f:
+            f.write(_MAGIC + struct.pack("<Q", len(header)) + header)
+            index_position = f.tell()
+            f.write(bytes(index.nbytes))
+            k, offset = 0, 0
+            for crops in _map_images(_encode_crops, tasks, num_workers=num_workers, progress=progress):
+                for data in crops:
+                    index[k]["offset"], index[k]["length"] = offset, len(data)
+                    f.write(data)
+                    k, offset = k + 1, offset + len(data)
+            f.seek(index_position)
+            f.write(index.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, output_path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return plan.stats
+
+
+_START_METHOD = "fork" if sys.platform == "linux" else "spawn"
+
+
+def _map_images(fn: Callable, tasks: list, *, num_workers: int, progress: bool) -> Iterator:
+    """fn over tasks in order, in this process or a pool of ``num_workers`` processes.
+
+    The pool forks on Linux, as torch's DataLoader does: the workers run only Pillow, never torch, so forking a
+    process that has started torch's threads is safe, and it spares each worker a fresh import of torch and timm
+    (seconds each). Elsewhere it spawns.
+    """
+    with ExitStack() as stack:
+        if num_workers == 0:
+            results = map(fn, tasks)
+        else:
+            pool = stack.enter_context(
+                ProcessPoolExecutor(max_workers=num_workers, mp_context=get_context(_START_METHOD))
+            )
+            results = pool.map(fn, tasks, chunksize=4)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(tasks), desc="extracting samples", unit="img")
+        yield from results
+
+
+class JigsawSample(NamedTuple):
+    image: Tensor  # (3, h, w) uint8
+    label: int
+
+
+class JigsawSampleFile:
+    """Reads a sample file written by ``extract_samples``: ``len(f)`` samples, ``f[i]`` decodes one JigsawSample.
+
+    Dataset-like and safe in DataLoader workers: each process opens its own file descriptor and reads with
+    ``os.pread``. The whole index is held in memory (48 bytes per sample).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            if f.read(len(_MAGIC)) != _MAGIC:
+                raise ValueError(f"{self.path}: not a Jigsaw sample file; create one with extract_samples")
+            (header_length,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(header_length))
+            version = self.header.get("format_version")
+            if version != SAMPLE_FILE_VERSION:
+                raise ValueError(
+                    f"{self.path}: sample file format version {version}, this detpretrain reads version "
+                    f"{SAMPLE_FILE_VERSION}; extract the samples again"
+                )
+            num_samples = self.header["num_samples"]
+            raw = f.read(num_samples * _INDEX_DTYPE.itemsize)
+            self._blob_start = f.tell()
+        if len(raw) != num_samples * _INDEX_DTYPE.itemsize:
+            raise ValueError(f"{self.path}: the file is truncated (index incomplete); extract the samples again")
+        self.index = np.frombuffer(raw, dtype=_INDEX_DTYPE)
+        end = int(self.index["offset"][-1]) + int(self.index["length"][-1]) if num_samples else 0
+        if self._blob_start + end != self.path.stat().st_size:
+            raise ValueError(f"{self.path}: the file size does not match its index (truncated?); extract again")
+        self.class_names: list[str] = self.header["class_names"]
+        self.labels = torch.from_numpy(self.index["label"].astype(np.int64))
+        self.boxes = torch.from_numpy(self.index["box"].astype(np.int64))  # (S, 4) crop window in the source image
+        self.gt_boxes = torch.from_numpy(self.index["gt_box"].copy())  # (S, 4), NaN for negatives
+        self.image_index = torch.from_numpy(self.index["image_index"].astype(np.int64))
+        self.sizes = self.boxes[:, 2:] - self.boxes[:, :2]  # (S, 2): width, height
+        groups = sample_group(self.sizes[:, 0], self.sizes[:, 1])
+        self.group_indices = {g: (groups == code).nonzero().flatten() for code, g in enumerate(GROUPS)}
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> JigsawSample:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {len(self)} samples")
+        entry = self.index[i]
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        data = os.pread(self._fd, int(entry["length"]), self._blob_start + int(entry["offset"]))
+        try:
+            with Image.open(io.BytesIO(data)) as decoded:
+                image = torch.from_numpy(np.array(decoded.convert("RGB"))).permute(2, 0, 1).contiguous()
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"{self.path}: sample {i} does not decode ({error}); extract the samples again") from None
+        width, height = (entry["box"][2:] - entry["box"][:2]).tolist()
+        if tuple(image.shape) != (3, height, width):
+            raise ValueError(
+                f"{self.path}: sample {i} decodes to {tuple(image.shape)}, expected (3, {height}, {width})"
+            )
+        return JigsawSample(image=image, label=int(entry["label"]))
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §3.2 Jigsaw assembly
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sample_group(width: Tensor, height: Tensor) -> Tensor:
+    """Group code per sample by aspect ratio width / height (§3.2): 0 = S in [0.5, 1.5], 1 = T < 0.5, 2 = W > 1.5.
+
+    Codes index GROUPS = ("S", "T", "W").
+    """
+    ratio = width.double() / height.double()
+    return torch.where(ratio < 0.5, 1, torch.where(ratio > 1.5, 2, 0))
+
+
+@dataclass(frozen=True)
+class JigsawTemplate:
+    """The Jigsaw template (Fig. 4(b)): a canvas cut by one vertical and one horizontal line into four regions.
+
+    The paper's region sizes were printed inside Fig. 4 and are lost (PAPER_NOTES.md, "Template"); the text fixes
+    only the 224 x 224 canvas and the placement. ``split_x`` is the width of the left column (top-left S and
+    bottom-left T regions), ``split_y`` the height of the top row (top-left S and top-right W regions). The default,
+    split at 96 (TL 96x96, TR 128 wide x 96 tall, BL 96 wide x 128 tall, BR 128x128), is our choice: borders on
+    multiples of the stride 32 keep each feature cell inside one region; "split64" also fits. Regions are
+    half-open pixel ranges, so they tile the canvas exactly; the W region must be at least as wide as tall and
+    the T region at least as tall as wide.
+    """
+
+    canvas_height: int = 224
+    canvas_width: int = 224
+    split_x: int = 96
+    split_y: int = 96
+
+    def __post_init__(self) -> None:
+        if not (0 < self.split_x < self.canvas_width and 0 < self.split_y < self.canvas_height):
+            raise ValueError(f"{self}: the splits must lie strictly inside the canvas")
+        if self.canvas_width - self.split_x < self.split_y or self.canvas_height - self.split_y < self.split_x:
+            raise ValueError(
+                f"{self}: the top-right (W) region must be at least as wide as tall and the bottom-left (T) region "
+                "at least as tall as wide; use split_x <= canvas_width - split_y and split_y <= canvas_height - split_x"
+            )
+
+    def region_boxes(self) -> Tensor:
+        """(R, 4) int64 xyxy of the regions, in REGION_NAMES order."""
+        W, H, sx, sy = self.canvas_width, self.canvas_height, self.split_x, self.split_y
+        return torch.tensor([[0, 0, sx, sy], [sx, 0, W, sy], [0, sy, sx, H], [sx, sy, W, H]], dtype=torch.int64)
+
+    def region_masks(self) -> Tensor:
+        """(R, H, W) bool masks M^i of Eq. 2."""
+        masks = torch.zeros((4, self.canvas_height, self.canvas_width), dtype=torch.bool)
+        for r, (x1, y1, x2, y2) in enumerate(self.region_boxes().tolist()):
+            masks[r, y1:y2, x1:x2] = True
+        return masks
+
+    def region_area_fractions(self) -> Tensor:
+        """(R,) float32: region area / canvas area (the mixing weights of the "global" label, Tab. 2)."""
+        boxes = self.region_boxes().double()
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        return (areas / (self.canvas_height * self.canvas_width)).float()
+
+
+JIGSAW_TEMPLATES = {
+    "split96": JigsawTemplate(canvas_height=224, canvas_width=224, split_x=96, split_y=96),
+    "split64": JigsawTemplate(canvas_height=224, canvas_width=224, split_x=64, split_y=64),
+}
+"""Named templates; "split96" is the default (our choice, PAPER_NOTES.md)."""
+
+
+def get_template(name: str) -> JigsawTemplate:
+    """A named template from JIGSAW_TEMPLATES."""
+    if name not in JIGSAW_TEMPLATES:
+        raise ValueError(f"unknown Jigsaw template {name!r}; choose one of {sorted(JIGSAW_TEMPLATES)}")
+    return JIGSAW_TEMPLATES[name]
+
+
+class JigsawImage(NamedTuple):
+    """One assembled image. Per-region fields are in REGION_NAMES order."""
+
+    image: Tensor  # (3, H, W) uint8, zero where no sample pixel landed
+    labels: Tensor  # (R,) int64: the label of the sample in each region
+    content_boxes: Tensor  # (R, 4) int64 xyxy on the canvas: where sample pixels landed (the rest is padding)
+    source_boxes: Tensor  # (R, 4) int64 xyxy in the scaled, flipped sample: the window that was placed
+    scales: Tensor  # (R,) float64: the drawn scale ratio of each region's sample
+    flipped: Tensor  # (R,) bool
+    input_index: Tensor  # (R,) int64: which input sits there (0, 1: the two squares as given, 2: tall, 3: wide)
+
+
+def _place_axis(size: int, region: int, u: float) -> tuple[int, int, int]:
+    """(start in region, start in sample, length) along one axis: pad at a random offset or random-crop (§3.2)."""
+    if size <= region:
+        return min(int(u * (region - size + 1)), region - size), 0, size
+    return 0, min(int(u * (size - region + 1)), size - region), region
+
+
+def assemble_jigsaw(
+    *,
+    squares: tuple[JigsawSample, JigsawSample],
+    tall: JigsawSample,
+    wide: JigsawSample,
+    template: JigsawTemplate,
+    generator: torch.Generator,
+    scale_range: tuple[float, float] = (0.8, 1.5),
+    flip_prob: float = 0.5,
+    fit: str = "pad_crop",
+) -> JigsawImage:
+    """Stitch 2 S-samples, 1 T-sample and 1 W-sample into one canvas (§3.2, Fig. 4; augmentation of §4.1).
+
+    Per sample: scale by a ratio r ~ U(scale_range) keeping the aspect ratio (both sides times r, rounded), flip
+    horizontally with probability ``flip_prob``. The S-sample with the smaller area after scaling goes top-left,
+    the other bottom-right (ties: the first given); T bottom-left, W top-right. Then each sample is fitted to its
+    region per ``fit``:
+
+    - "pad_crop" (the paper's method): per axis, zero-pad at a random offset when smaller than the region, crop at
+      a random offset when larger; never warped or resized to fit.
+    - "warp" (Tab. 1 ablation): scale each axis to the region (the drawn ratio is then irrelevant).
+    - "resize" (Tab. 1 ablation): scale keeping the aspect ratio to fit inside the region, then pad as above.
+
+    Randomness comes only from ``generator``: 16 uniforms per call (scale, flip, x offset, y offset per input).
+    Returns the uint8 canvas; normalize with ``normalize_jigsaw_image`` after stitching (so padding becomes
+    -mean/std, as in §4.1).
+    """
+    if fit not in FIT_MODES:
+        raise ValueError(f"unknown fit {fit!r}; choose one of {FIT_MODES}")
+    inputs = [squares[0], squares[1], tall, wide]
+    expected = ("S", "S", "T", "W")
+    for k, (sample, group) in enumerate(zip(inputs, expected, strict=True)):
+        if sample.image.dtype != torch.uint8 or sample.image.ndim != 3 or sample.image.shape[0] != 3:
+            raise ValueError(
+                f"input {k}: expected a (3, h, w) uint8 image, got {sample.image.dtype} {tuple(sample.image.shape)}"
+            )
+        h, w = sample.image.shape[1:]
+        actual = GROUPS[int(sample_group(torch.tensor(w), torch.tensor(h)))]
+        if actual != group:
+            raise ValueError(f"input {k} ({w}x{h}, width/height {w / h:.2f}) is group {actual}, expected {group}")
+    draws = torch.rand((4, 4), generator=generator, dtype=torch.float64)
+    low, high = scale_range
+    scales = low + (high - low) * draws[:, 0]
+    flipped = draws[:, 1] < flip_prob
+    scaled = [
+        (max(1, round(s.image.shape[1] * float(r))), max(1, round(s.image.shape[2] * float(r))))
+        for s, r in zip(inputs, scales, strict=True)
+    ]
+    smaller_first = scaled[0][0] * scaled[0][1] <= scaled[1][0] * scaled[1][1]
+    input_index = [0 if smaller_first else 1, 3, 2, 1 if smaller_first else 0]  # TL, TR (W), BL (T), BR
+
+    canvas = torch.zeros((3, template.canvas_height, template.canvas_width), dtype=torch.uint8)
+    content_boxes, source_boxes = [], []
+    for (x1, y1, x2, y2), k in zip(template.region_boxes().tolist(), input_index, strict=True):
+        region_h, region_w = y2 - y1, x2 - x1
+        image = inputs[k].image
+        h, w = image.shape[1:]
+        if fit == "pad_crop":
+            size = scaled[k]
+        elif fit == "warp":
+            size = (region_h, region_w)
+        else:
+            factor = min(region_h / h, region_w / w)
+            size = (min(region_h, max(1, round(h * factor))), min(region_w, max(1, round(w * factor))))
+        if size != (h, w):
+            image = TF.resize(image, list(size), antialias=True)
+        if flipped[k]:
+            image = image.flip(-1)
+        dx, sx, lw = _place_axis(image.shape[2], region_w, float(draws[k, 2]))
+        dy, sy, lh = _place_axis(image.shape[1], region_h, float(draws[k, 3]))
+        canvas[:, y1 + dy : y1 + dy + lh, x1 + dx : x1 + dx + lw] = image[:, sy : sy + lh, sx : sx + lw]
+        content_boxes.append([x1 + dx, y1 + dy, x1 + dx + lw, y1 + dy + lh])
+        source_boxes.append([sx, sy, sx + lw, sy + lh])
+    order = torch.tensor(input_index)
+    return JigsawImage(
+        image=canvas,
+        labels=torch.tensor([inputs[k].label for k in input_index], dtype=torch.int64),
+        content_boxes=torch.tensor(content_boxes, dtype=torch.int64),
+        source_boxes=torch.tensor(source_boxes, dtype=torch.int64),
+        scales=scales[order],
+        flipped=flipped[order],
+        input_index=order,
+    )
+
+
+def sample_jigsaw(
+    samples: JigsawSampleFile,
+    *,
+    template: JigsawTemplate,
+    generator: torch.Generator,
+    scale_range: tuple[float, float] = (0.8, 1.5),
+    flip_prob: float = 0.5,
+    fit: str = "pad_crop",
+) -> tuple[JigsawImage, Tensor]:
+    """Draw 2 S-, 1 T- and 1 W-sample (with replacement within each group: T and W are rarer) and assemble them.
+
+    Returns the JigsawImage and the (R,) sample indices in region order. The training engine passes a generator
+    seeded per (seed, step, index), which makes every assembled image reproducible on resume.
+    """
+    for g in GROUPS:
+        if len(samples.group_indices[g]) == 0:
+            raise ValueError(
+                f"{samples.path}: no group-{g} samples; Jigsaw assembly needs S, T and W samples (§3.2): "
+                "extract from more images"
+            )
+    picks = [
+        samples.group_indices[g][torch.randint(len(samples.group_indices[g]), (1,), generator=generator)]
+        for g in ("S", "S", "T", "W")
+    ]
+    indices = torch.cat(picks)
+    loaded = [samples[int(i)] for i in indices]
+    jigsaw = assemble_jigsaw(
+        squares=(loaded[0], loaded[1]),
+        tall=loaded[2],
+        wide=loaded[3],
+        template=template,
+        generator=generator,
+        scale_range=scale_range,
+        flip_prob=flip_prob,
+        fit=fit,
+    )
+    return jigsaw, indices[jigsaw.input_index]
+
+
+def normalize_jigsaw_image(images: Tensor) -> Tensor:
+    """(..., 3, H, W) uint8 -> float32 normalized with the ImageNet mean/std (§4.1, after stitching)."""
+    if images.dtype != torch.uint8 or images.shape[-3] != 3:
+        raise ValueError(f"expected (..., 3, H, W) uint8 images, got {images.dtype} {tuple(images.shape)}")
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §3.3 ERF-adaptive dense classification: the classifier, the ERF, the weights of Eq. 2
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class JigsawClassifier(nn.Module):
+    """A backbone with its final FC replaced by a 1x1 convolution on the last feature map (§3.3, Fig. 5).
+
+    ``backbone`` is a timm model (create it with ``num_classes=0, global_pool=""``): ``forward_features`` gives
+    the stride-32 map before pooling and ``num_features`` its channels. ``forward`` returns dense logits
+    (B, num_classes, h, w) with num_classes = categories + 1 (background). The 1x1 convolution is linear, so the
+    mean of its logits over any set of cells equals the FC applied to the mean feature there: the "global" and
+    "block-wise" strategies of Tab. 2 are pooled dense logits (see detpretrain.losses).
+    """
+
+    def __init__(self, backbone: nn.Module, *, num_classes: int) -> None:
+        super().__init__()
+        num_features = getattr(backbone, "num_features", None)
+        if not isinstance(num_features, int):
+            raise ValueError("backbone needs an int num_features and forward_features (a timm model)")
+        self.backbone = backbone
+        self.classifier = nn.Conv2d(num_features, num_classes, kernel_size=1)
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        features = self.backbone.forward_features(images)
+        if features.ndim != 4:
+            raise ValueError(f"forward_features must return (B, C, h, w), got {tuple(features.shape)}")
+        return features
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.classifier(self.forward_features(images))
+
+
+@torch.enable_grad()
+def compute_erf(model: nn.Module, images: Tensor, *, chunk_size: int = 32) -> Tensor:
+    """Gradient-based effective receptive field of every position of the last feature map (Luo et al. [17]).
+
+    For position (j, k): the gradient at (j, k) of the feature map (``model.forward_features`` if the model has
+    it, else ``model(x)``; (B, C, h, w), before pooling) is set to 1 on every channel and 0 elsewhere, propagated
+    to the input, |gradient| summed over RGB, then averaged over ``images`` (B, 3, H, W), a fixed batch of
+    assembled, normalized images (PAPER_NOTES.md). Setting all channels at (j, k) to 1 is our reading of
+    "the output gradient" for a multi-channel map. The model runs in eval mode (BN with running statistics:
+    batch statistics would pass gradient between images) and its train/eval state is restored afterwards; no
+    parameter gradient is touched.
+
+    Each (image, position) pair needs its own backward; pairs are processed ``chunk_size`` at a time as one batch
+    (exact, as eval-mode samples do not interact). Returns (h, w, H, W) float32 on the images' device.
+    """
+    feature_fn = model.forward_features if hasattr(model, "forward_features") else model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            probe = feature_fn(images[:1])
+        if probe.ndim != 4:
+            raise ValueError(f"the model's feature map must be (B, C, h, w), got {tuple(probe.shape)}")
+        num_images, _, height, width = images.shape
+        fh, fw = probe.shape[2:]
+        erf = torch.zeros((fh * fw, height, width), dtype=torch.float32, device=images.device)
+        pairs = torch.arange(fh * fw * num_images, device=images.device)
+        for chunk in pairs.split(chunk_size):
+            image_id, position = chunk % num_images, chunk // num_images
+            x = images[image_id].detach().clone().requires_grad_(True)
+            features = feature_fn(x)
+            grad_output = torch.zeros_like(features)
+            grad_output[torch.arange(len(chunk)), :, position // fw, position % fw] = 1.0
+            (grad_input,) = torch.autograd.grad(features, x, grad_output)
+            erf.index_add_(0, position, grad_input.abs().sum(dim=1).float())
+    finally:
+        model.train(was_training)
+    return (erf / num_images).view(fh, fw, height, width)
+
+
+def feature_region_index(template: JigsawTemplate, *, feature_height: int, feature_width: int) -> Tensor:
+    """(h, w) int64: the region holding each feature cell's centre (PAPER_NOTES.md, "Dense loss").
+
+    Cell (j, k) covers canvas rows [j H/h, (j+1) H/h) and columns likewise; its centre decides. Every region must
+    hold at least one cell centre, else the template is too fine for the feature stride.
+    """
+    cy = (torch.arange(feature_height, dtype=torch.float64) + 0.5) * template.canvas_height / feature_height
+    cx = (torch.arange(feature_width, dtype=torch.float64) + 0.5) * template.canvas_width / feature_width
+    index = 2 * (cy >= template.split_y).long()[:, None] + (cx >= template.split_x).long()[None, :]
+    counts = torch.bincount(index.flatten(), minlength=4)
+    if (counts == 0).any():
+        empty = [REGION_NAMES[r] for r in (counts == 0).nonzero().flatten().tolist()]
+        raise ValueError(
+            f"{template}: region(s) {empty} hold no centre of a {feature_height}x{feature_width} feature cell; "
+            "put the splits on multiples of the feature stride"
+        )
+    return index
+
+
+def erf_region_shares(erf: Tensor, *, template: JigsawTemplate) -> Tensor:
+    """(h, w, R): rho_i = sum(G * M^i) / sum(G) for every feature position (Eq. 2's ratios).
+
+    A position with an all-zero ERF (a dead unit) gets its own region's share 1 (our guard: Eq. 2 is 0/0 there).
+    """
+    fh, fw, height, width = erf.shape
+    if (height, width) != (template.canvas_height, template.canvas_width):
+        raise ValueError(
+            f"ERF is over a {height}x{width} input but the template canvas is "
+            f"{template.canvas_height}x{template.canvas_width}"
+        )
+    masks = template.region_masks().to(device=erf.device, dtype=erf.dtype)
+    mass = torch.einsum("jkyx,ryx->jkr", erf, masks)
+    total = mass.sum(dim=-1, keepdim=True)
+    own = nn.functional.one_hot(
+        feature_region_index(template, feature_height=fh, feature_width=fw).to(erf.device), 4
+    ).to(erf.dtype)
+    return torch.where(total > 0, mass / total.clamp_min(torch.finfo(erf.dtype).tiny), own)
+
+
+def label_weights_from_shares(shares: Tensor, *, region_index: Tensor, erf_threshold: float = 0.7) -> Tensor:
+    """Eq. 2 (PAPER_NOTES.md reconstruction): the label weights w_i of each position from its ERF shares rho_i.
+
+    For a position in region r: w_r = max(tau, rho_r); for i != r: w_i = (1 - w_r) rho_i / sum_{i' != r} rho_i'
+    (the denominator is Eq. 2's sum G (1 - M^r) / sum G). When rho_r >= tau this gives w = rho; tau = 1 gives the
+    one-hot label of the region. When rho_r = 1 the others are 0/0 and are set to 0 (w_r = 1).
+    ``erf_threshold`` is tau, 0.7 in the paper (§4.1).
+    """
+    if not 0.0 <= erf_threshold <= 1.0:
+        raise ValueError(f"erf_threshold must be in [0, 1], got {erf_threshold}")
+    if shares.shape[:2] != region_index.shape or shares.shape[-1] != 4:
+        raise ValueError(
+            f"shares {tuple(shares.shape)} must be (h, w, 4) over region_index {tuple(region_index.shape)}"
+        )
+    own = nn.functional.one_hot(region_index.to(shares.device), 4).to(dtype=torch.bool)
+    rho_own = (shares * own).sum(dim=-1, keepdim=True)
+    w_own = rho_own.clamp_min(erf_threshold)
+    others = shares * ~own
+    others_total = others.sum(dim=-1, keepdim=True)
+    w_others = torch.where(others_total > 0, (1 - w_own) * others / others_total.clamp_min(1e-30), 0.0)
+    return torch.where(own, torch.where(others_total > 0, w_own, 1.0), w_others)
+
+
+def erf_label_weights(erf: Tensor, *, template: JigsawTemplate, erf_threshold: float = 0.7) -> Tensor:
+    """(h, w, R) label weights of Eq. 2 from an ERF table (compute_erf): one table for every image (§3.3)."""
+    fh, fw = erf.shape[:2]
+    region_index = feature_region_index(template, feature_height=fh, feature_width=fw).to(erf.device)
+    return label_weights_from_shares(
+        erf_region_shares(erf, template=template), region_index=region_index, erf_threshold=erf_threshold
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Visualization: --visualize and Fig. 6
+# ---------------------------------------------------------------------------------------------------------------
+
+REGION_COLORS = ((46, 204, 64), (255, 65, 54), (0, 116, 217), (255, 220, 0))  # TL green (R1 as in Fig. 5), TR, BL, BR
+
+
+def render_jigsaw(
+    image: Tensor,
+    labels: Tensor,
+    *,
+    template: JigsawTemplate,
+    class_names: Sequence[str],
+    content_boxes: Tensor | None = None,
+    scale: int = 2,
+) -> Image.Image:
+    """An assembled uint8 image (3, H, W) as a PIL image, enlarged ``scale`` x, with each region outlined in its
+    colour (REGION_COLORS), its label written in its top-left corner and, if given, the sample extent in white."""
+    if image.dtype != torch.uint8 or tuple(image.shape) != (3, template.canvas_height, template.canvas_width):
+        raise ValueError(
+            f"expected the (3, {template.canvas_height}, {template.canvas_width}) uint8 canvas, got "
+            f"{image.dtype} {tuple(image.shape)}"
+        )
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy()).resize(
+        (template.canvas_width * scale, template.canvas_height * scale), Image.NEAREST
+    )
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default()
+    if content_boxes is not None:
+        for box in content_boxes.tolist():
+            draw.rectangle([v * scale for v in box[:2]] + [v * scale - 1 for v in box[2:]], outline=(255, 255, 255))
+    for r, box in enumerate(template.region_boxes().tolist()):
+        x1, y1, x2, y2 = (v * scale for v in box)
+        draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=REGION_COLORS[r], width=2)
+        text = class_names[int(labels[r])]
+        left, top, right, bottom = draw.textbbox((x1 + 4, y1 + 4), text, font=font)
+        draw.rectangle([left - 2, top - 2, right + 2, bottom + 2], fill=(0, 0, 0))
+        draw.text((x1 + 4, y1 + 4), text, fill=REGION_COLORS[r], font=font)
+    return picture
+
+
+def render_erf(erf_map: Tensor, *, image: Tensor | None = None, alpha: float = 0.6) -> Image.Image:
+    """An ERF (H, W) of one position as a heat map (black -> red -> yellow -> white, scaled to its maximum), as in
+    Fig. 6; blended over the uint8 canvas (3, H, W) with weight ``alpha`` when ``image`` is given."""
+    if erf_map.ndim != 2:
+        raise ValueError(f"expected one position's ERF (H, W), got {tuple(erf_map.shape)}")
+    value = erf_map.detach().float().cpu()
+    value = value / value.max().clamp_min(torch.finfo(torch.float32).tiny)
+    heat = torch.stack([(3 * value).clamp(0, 1), (3 * value - 1).clamp(0, 1), (3 * value - 2).clamp(0, 1)])
+    if image is not None:
+        if tuple(image.shape) != (3, *erf_map.shape) or image.dtype != torch.uint8:
+            raise ValueError(f"image must be (3, {erf_map.shape[0]}, {erf_map.shape[1]}) uint8")
+        heat = alpha * heat + (1 - alpha) * image.float().cpu() / 255.0
+    return Image.fromarray((heat * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
