@@ -713,6 +713,8 @@ class JigsawTemplate:
 JIGSAW_TEMPLATES = {
     "split96": JigsawTemplate(canvas_height=224, canvas_width=224, split_x=96, split_y=96),
     "split64": JigsawTemplate(canvas_height=224, canvas_width=224, split_x=64, split_y=64),
+    # Not a pre-training setting: a 96-pixel canvas (a 3x3 feature map) for CPU smoke runs and tests.
+    "tiny96": JigsawTemplate(canvas_height=96, canvas_width=96, split_x=32, split_y=32),
 }
 """Named templates; "split96" is the default (our choice, PAPER_NOTES.md)."""
 
