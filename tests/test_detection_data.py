@@ -43,7 +43,6 @@ from detpretrain.data.voc import VOC_CLASSES, VocDataset, parse_image_sets, voc_
 from tests.conftest import shared_path
 
 # pycocotools 2.0.11 decodes masks through a call that numpy 2 deprecates: its warning, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 
 # ------------------------------------------------------------------------------------------------- helpers

@@ -96,7 +96,6 @@ def test_coco_reproduces_pycocotools_reference_stats(iou_type):
 
 
 # pycocotools' decode, used here to turn results into Mask R-CNN outputs, warns under numpy 2.
-@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 def test_coco_evaluator_on_torchvision_outputs_with_a_label_mapping_gives_the_same_numbers():
     gt_path, bbox_results, segm_results, expected = coco_files()
     coco_gt = load_coco_ground_truth(gt_path)

@@ -15,7 +15,6 @@ from detpretrain.data import SyntheticCoco, synthetic
 from detpretrain.data.synthetic import MANIFEST_NAME, default_cache_dir, main, synthetic_coco
 
 # pycocotools 2.0.11 decodes masks through a call that numpy 2 deprecates: its warning, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 SMALL = {"num_train": 4, "num_val": 2}  # for tests of the machinery, not of the content
 

@@ -48,7 +48,10 @@ def test_coco128_loss_falls_and_export_loads_strictly_into_timm(tmp_path, coco12
     assert last < 0.85 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
 
     model = timm.create_model(
-        "test_resnet", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(export / "model.safetensors"))
+        "test_resnet",
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")),
     )
     exported = safetensors.torch.load_file(export / "model.safetensors")
     assert set(exported) == set(model.state_dict())

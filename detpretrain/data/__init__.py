@@ -1,13 +1,35 @@
-"""Datasets: COCO, LVIS and VOC readers, labelled-image lists, and the embedded default dataset (``synthetic_coco``)."""
+"""Datasets: COCO, LVIS and VOC detection datasets with their transforms, labelled-image lists for PreDet, and the
+embedded default dataset (``synthetic_coco``) every script uses when it is given no data flags.
 
-__all__ = ["SyntheticCoco", "synthetic_coco"]
+Submodules are imported on first use: ``python -m detpretrain.data.synthetic`` would otherwise find its module
+already imported by this package and warn (runpy's "found in sys.modules").
+"""
+
+import importlib
+
+_EXPORTS = {
+    "SyntheticCoco": "synthetic",
+    "synthetic_coco": "synthetic",
+    "CocoDataset": "coco",
+    "LvisDataset": "lvis",
+    "RepeatFactorBatchSampler": "lvis",
+    "VocDataset": "voc",
+    "voc_image_records": "voc",
+    "parse_image_sets": "voc",
+    "DetectionDataset": "detection",
+    "DatasetError": "detection",
+    "Category": "detection",
+    "collate_detection": "detection",
+    "subset_indices": "detection",
+    "train_transforms": "transforms",
+    "eval_transforms": "transforms",
+    "SampleTransform": "transforms",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # Imported on first use, not here: `python -m detpretrain.data.synthetic` would otherwise find the module
-    # already imported by its package and warn (runpy's "found in sys.modules").
-    if name in __all__:
-        from detpretrain.data import synthetic
-
-        return getattr(synthetic, name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"detpretrain.data.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
