@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import timm
@@ -109,7 +110,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", type=Path, default=Path("runs/jigsaw"))
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     run.add_argument("--amp", default="bf16", choices=["off", "bf16"], help="autocast on CUDA (ignored on CPU)")
-    run.add_argument("--num-workers", type=int, default=4, help="data-loader processes per GPU")
+    run.add_argument(
+        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loader processes per process"
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
     run.add_argument("--resume", default=None, help="'auto' continues OUTPUT_DIR/checkpoint.pth if present, or a path")
