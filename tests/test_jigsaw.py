@@ -323,7 +323,8 @@ def test_groups_by_width_over_height():
 def test_template_regions_tile_the_canvas(name):
     template = get_template(name)
     masks = template.region_masks()
-    assert masks.shape == (4, 224, 224) and torch.equal(masks.sum(0), torch.ones(224, 224, dtype=torch.long))
+    size = (template.canvas_height, template.canvas_width)
+    assert masks.shape == (4, *size) and torch.equal(masks.sum(0), torch.ones(size, dtype=torch.long))
     assert math.isclose(float(template.region_area_fractions().sum()), 1.0, rel_tol=1e-6)
     w, h = (template.region_boxes()[:, 2:] - template.region_boxes()[:, :2]).unbind(1)
     assert w[1] >= h[1] and h[2] >= w[2]  # top right holds W-samples, bottom left T-samples
