@@ -128,12 +128,14 @@ def map_images(
     progress: bool = False,
     desc: str = "images",
     initializer: Callable[[], None] | None = None,
+    start_method: str = _START_METHOD,
 ) -> Iterator[Any]:
     """``fn`` over ``tasks``, in order, in this process (``num_workers=0``) or a pool of ``num_workers`` processes.
 
-    Results come back in task order whatever the worker count, so what a caller writes does not depend on it. The
-    pool forks on Linux, as torch's DataLoader does: ``fn`` must use only Pillow, numpy and OpenCV, never torch (a
-    forked child must not touch the parent's torch thread pools); this spares each worker a fresh import of torch.
+    Results come back in task order whatever the worker count, so what a caller writes does not depend on it. By
+    default the pool forks on Linux, as torch's DataLoader does, which spares each worker a fresh import of torch;
+    a forked ``fn`` must then use only Pillow and numpy: a library with its own thread pool (torch, OpenCV) can hang
+    in a child forked after the parent used that pool. Pass ``start_method="spawn"`` for such an ``fn``.
     ``initializer`` runs once in each worker process (not in this process).
     """
     if num_workers < 0:
@@ -144,7 +146,7 @@ def map_images(
         else:
             pool = stack.enter_context(
                 ProcessPoolExecutor(
-                    max_workers=num_workers, mp_context=get_context(_START_METHOD), initializer=initializer
+                    max_workers=num_workers, mp_context=get_context(start_method), initializer=initializer
                 )
             )
             # Chunks amortize the inter-process round trip; results still arrive in order.
