@@ -571,7 +571,7 @@ def _map_images(fn: Callable, tasks: list, *, num_workers: int, progress: bool) 
 
 
 class JigsawSample(NamedTuple):
-    image: Tensor  # (3, h, w) uint8
+    image: Tensor  # (3, h, w) uint8; from JigsawSampleFile a channels-last view (strides (1, 3w, 3))
     label: int
 
 
@@ -627,7 +627,10 @@ class JigsawSampleFile:
         data = os.pread(self._fd, int(entry["length"]), self._blob_start + int(entry["offset"]))
         try:
             with Image.open(io.BytesIO(data)) as decoded:
-                image = torch.from_numpy(np.array(decoded.convert("RGB"))).permute(2, 0, 1).contiguous()
+                rgb = decoded if decoded.mode == "RGB" else decoded.convert("RGB")  # convert() copies even RGB
+                # (3, h, w) as a view of the (h, w, 3) pixels: no copy, and torch's uint8 resize (assembly) runs
+                # on this channels-last layout without repacking it (same pixels, benchmarks/bench_jigsaw.py).
+                image = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
         except (OSError, UnidentifiedImageError) as error:
             raise ValueError(f"{self.path}: sample {i} does not decode ({error}); extract the samples again") from None
         width, height = (entry["box"][2:] - entry["box"][:2]).tolist()
@@ -655,13 +658,23 @@ class JigsawSampleFile:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_TALL_BELOW, _WIDE_ABOVE = 0.5, 1.5  # §3.2: width / height below 0.5 is T, above 1.5 is W, the rest S
+
+
 def sample_group(width: Tensor, height: Tensor) -> Tensor:
     """Group code per sample by aspect ratio width / height (§3.2): 0 = S in [0.5, 1.5], 1 = T < 0.5, 2 = W > 1.5.
 
     Codes index GROUPS = ("S", "T", "W").
     """
     ratio = width.double() / height.double()
-    return torch.where(ratio < 0.5, 1, torch.where(ratio > 1.5, 2, 0))
+    return torch.where(ratio < _TALL_BELOW, 1, torch.where(ratio > _WIDE_ABOVE, 2, 0))
+
+
+def _group_name(width: int, height: int) -> str:
+    """sample_group of one sample in plain Python (the same float64 ratio): assembly checks every input, and four
+    scalar tensor round trips per image cost more than the check itself."""
+    ratio = width / height
+    return "T" if ratio < _TALL_BELOW else "W" if ratio > _WIDE_ABOVE else "S"
 
 
 @dataclass(frozen=True)
@@ -782,7 +795,7 @@ def assemble_jigsaw(
                 f"input {k}: expected a (3, h, w) uint8 image, got {sample.image.dtype} {tuple(sample.image.shape)}"
             )
         h, w = sample.image.shape[1:]
-        actual = GROUPS[int(sample_group(torch.tensor(w), torch.tensor(h)))]
+        actual = _group_name(w, h)
         if actual != group:
             raise ValueError(f"input {k} ({w}x{h}, width/height {w / h:.2f}) is group {actual}, expected {group}")
     draws = torch.rand((4, 4), generator=generator, dtype=torch.float64)

@@ -9,6 +9,11 @@ All three take the dense logits of ``detpretrain.jigsaw.JigsawClassifier`` (a 1x
 map). The convolution is linear, so pooling its logits over a set of cells equals classifying the pooled features
 there: "global" pools over the whole map, "block-wise" over each region.
 
+PreDet, ``papers/predet.txt`` §3: the multi-label classification loss L_cls (§3.1; the softmax cross-entropy against
+1/k-normalized targets of Mahajan et al. [34], PAPER_NOTES.md "L_cls"), the InfoNCE loss L_info of the CROI head
+(§3.2.2) and the box-regression loss of L_crpn and L_croi-reg (smooth L1, Faster R-CNN). Matching and sampling live
+in ``detpretrain.predet.crpn`` / ``croi``; these functions only reduce what those modules select.
+
 Glossary (names and shapes):
 
     B              assembled images in the batch
@@ -22,19 +27,36 @@ Glossary (names and shapes):
     region_index   (h, w) int64 in [0, R): the region holding each cell's centre
                    (detpretrain.jigsaw.feature_region_index)
     region_area_fractions  (R,) float: region area / canvas area (JigsawTemplate.region_area_fractions)
+
+  PreDet:
+    N              images (or views) classified; C classes of the pre-training labels
+    image_labels   per image, the indices of its k >= 0 labels: a sequence of N 1-D int64 tensors, or an (N, L)
+                   int64 tensor padded with -1 (any negative entry is padding)
+    targets        (N, C) float: the k-hot vector divided by k (all zero for an image without labels)
+    Qn             queries with a positive (all images together); P: the widest negative set
+    positive_scores  (Qn,) float: s_{p+_q q}, cosine similarities in [-1, 1]
+    negative_scores  (Qn, P) float: s_{p- q} for the negatives of the query's image, padded;
+                   negative_mask (Qn, P) bool says which entries are real
+    pred_deltas, target_deltas  (S, 4) float: box deltas of the S regressed samples
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "box_regression_loss",
     "erf_adaptive_dense_loss",
+    "info_nce_loss",
     "jigsaw_blockwise_loss",
     "jigsaw_global_loss",
     "jigsaw_soft_labels",
+    "multilabel_softmax_loss",
+    "multilabel_targets",
     "region_mean",
 ]
 
@@ -118,3 +140,102 @@ def jigsaw_global_loss(pred_logits: Tensor, labels: Tensor, *, region_area_fract
     one_hot = F.one_hot(labels, pred_logits.shape[1]).to(pred_logits.dtype)  # (B, R, K)
     targets = torch.einsum("r,brc->bc", region_area_fractions.to(pred_logits), one_hot)
     return F.cross_entropy(pred_logits.mean(dim=(2, 3)), targets)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PreDet (papers/predet.txt §3)
+
+
+def multilabel_targets(image_labels: Sequence[Tensor] | Tensor, *, num_classes: int) -> Tensor:
+    """The 1/k-normalized target of each image: 1/k on each of its k distinct labels, 0 elsewhere; (N, C).
+
+    Mahajan et al. [34] (cited by §3.1): a softmax over classes against the k-hot vector scaled to sum to 1. A label
+    repeated in one image counts once; an image without labels gets an all-zero row (``multilabel_softmax_loss``
+    leaves it out).
+    """
+    if isinstance(image_labels, Tensor):
+        if image_labels.ndim != 2:
+            raise ValueError(
+                f"padded image_labels must be (N, L) with -1 padding, got shape {tuple(image_labels.shape)}"
+            )
+        rows = list(image_labels)
+    else:
+        rows = list(image_labels)
+    device = rows[0].device if rows else None
+    hot = torch.zeros(len(rows), num_classes, device=device)
+    for i, row in enumerate(rows):
+        if row.ndim != 1:
+            raise ValueError(f"the labels of image {i} must be a 1-D tensor of class indices, got {tuple(row.shape)}")
+        row = row[row >= 0].long()
+        if len(row) and int(row.max()) >= num_classes:
+            raise ValueError(f"image {i} has label {int(row.max())}, outside [0, {num_classes}) (num_classes)")
+        hot[i, row.to(hot.device)] = 1.0
+    return hot / hot.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
+def multilabel_softmax_loss(pred_logits: Tensor, image_labels: Sequence[Tensor] | Tensor) -> Tensor:
+    """L_cls of one classifier output (§3.1): -sum_c t_c log softmax(z)_c, the mean over images with labels; a scalar.
+
+    ``t`` is ``multilabel_targets``. Images with no label are excluded from the mean (their target is undefined);
+    when no image has a label the loss is an exact 0 still attached to ``pred_logits``, so that backward runs and
+    every parameter gets its (zero) gradient, as DistributedDataParallel expects.
+    """
+    if pred_logits.ndim != 2:
+        raise ValueError(f"pred_logits must be (N, C), got shape {tuple(pred_logits.shape)}")
+    targets = multilabel_targets(image_labels, num_classes=pred_logits.shape[1]).to(pred_logits.device)
+    if len(targets) != len(pred_logits):
+        raise ValueError(f"{len(pred_logits)} rows of logits but labels for {len(targets)} images")
+    labelled = targets.sum(dim=1) > 0
+    if not bool(labelled.any()):
+        return pred_logits.sum() * 0.0
+    log_probs = F.log_softmax(pred_logits[labelled].float(), dim=1)
+    return -(targets[labelled] * log_probs).sum(dim=1).mean()
+
+
+def info_nce_loss(
+    positive_scores: Tensor,
+    negative_scores: Tensor,
+    *,
+    temperature: float,
+    negative_mask: Tensor | None = None,
+) -> Tensor:
+    """L_info (§3.2.2): -(1/Qn) sum_q log[exp(s+/tau) / (exp(s+/tau) + sum_{p- in P_neg} exp(s_{p- q}/tau))].
+
+    ``negative_mask`` marks the real entries of a padded ``negative_scores`` (queries of different images have
+    negative sets of different sizes); masked entries do not enter the sum. A query without negatives contributes
+    log 1 = 0. With no query at all the loss is an exact 0 attached to the inputs (see ``multilabel_softmax_loss``).
+    """
+    if positive_scores.ndim != 1 or negative_scores.ndim != 2 or len(negative_scores) != len(positive_scores):
+        raise ValueError(
+            f"positive_scores must be (Qn,) and negative_scores (Qn, P), got {tuple(positive_scores.shape)} "
+            f"and {tuple(negative_scores.shape)}"
+        )
+    if len(positive_scores) == 0:
+        return positive_scores.sum() * 0.0 + negative_scores.sum() * 0.0
+    logits = torch.cat((positive_scores[:, None], negative_scores), dim=1).float() / temperature  # (Qn, 1 + P)
+    if negative_mask is not None:
+        if negative_mask.shape != negative_scores.shape:
+            raise ValueError(f"negative_mask {tuple(negative_mask.shape)} != {tuple(negative_scores.shape)}")
+        keep = torch.cat((negative_mask.new_ones(len(negative_mask), 1), negative_mask), dim=1)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    # -log softmax at the positive's column (0): the positive's column is always finite, so no NaN from -inf.
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+def box_regression_loss(pred_deltas: Tensor, target_deltas: Tensor, *, beta: float, normalizer: float) -> Tensor:
+    """Smooth L1 (Fast R-CNN) summed over samples and the 4 coordinates, divided by ``normalizer``; a scalar.
+
+    ``beta`` is where the quadratic part ends; ``beta = 0`` is plain L1 (detectron2's default for both the RPN and
+    the ROI box head). With no sample the loss is an exact 0 attached to ``pred_deltas``.
+    """
+    if pred_deltas.shape != target_deltas.shape or pred_deltas.shape[-1:] != (4,):
+        raise ValueError(f"pred_deltas {tuple(pred_deltas.shape)} and target_deltas must both be (S, 4)")
+    if normalizer <= 0:
+        raise ValueError(f"normalizer must be positive, got {normalizer}")
+    pred_deltas = pred_deltas.float()
+    target_deltas = target_deltas.float()
+    if beta == 0:
+        loss = F.l1_loss(pred_deltas, target_deltas, reduction="sum")
+    else:
+        loss = F.smooth_l1_loss(pred_deltas, target_deltas, beta=beta, reduction="sum")
+    return loss / normalizer
