@@ -79,6 +79,8 @@ def test_group_convolution_equals_the_explicit_per_anchor_dot_products():
 def test_crpn_head_scores_line_up_with_the_anchor_order():
     torch.manual_seed(0)
     head = CRPNHead(in_channels=4, query_in_features=8, num_anchors=3, dim=5)
+    for p in head.parameters():  # values of order 1, well above assert_close's tolerance (the init is 0.01)
+        torch.nn.init.normal_(p)
     features = [torch.randn(1, 4, 3, 2)]
     query_features = torch.randn(1, 2, 8)
     logits, deltas = head(features, query_features)
@@ -311,6 +313,8 @@ def test_croi_losses_equal_the_formulas_when_each_query_is_its_own_only_positive
     torch.manual_seed(0)
     pooler = FPNRoIAlign(strides=(4,), output_size=2, sampling_ratio=0, aligned=True)
     head = CROIHead(in_features=3 * 2 * 2, box_head_dim=8, embed_dim=4, reg_dim=4)
+    for layer in (head.reg_query, head.reg_proposal):  # deltas of order 1, above assert_close's tolerance
+        torch.nn.init.normal_(layer.weight)
     heads = ContrastiveROIHeads(
         head,
         pooler,
@@ -343,7 +347,9 @@ def test_croi_losses_equal_the_formulas_when_each_query_is_its_own_only_positive
         expected_info += -torch.log(positive / (positive + torch.exp(e_neg @ e_q[j] / 0.07).sum())) / 3
     torch.testing.assert_close(losses["loss_info"], expected_info)
     # Target deltas are 0 (the positive is the query box in view-1): the loss is the mean L1 norm of the prediction.
-    torch.testing.assert_close(losses["loss_croi_reg"], head.regression(b_p, b_q).abs().sum(dim=1).mean())
+    # <FC(b_q) as 4 x D, FC(b_p) as 1 x D> / sqrt(D), written out row by row.
+    pred = (head.reg_query(b_q).reshape(3, 4, 4) * head.reg_proposal(b_p)[:, None, :]).sum(dim=2) / 2
+    torch.testing.assert_close(losses["loss_croi_reg"], pred.abs().sum(dim=1).mean())
 
 
 def test_dot_product_regression_reproduces_the_target_encoding_with_set_weights():

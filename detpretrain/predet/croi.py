@@ -133,13 +133,9 @@ class CROIHead(nn.Module):
             # Small init of both sides of the dot product (our choice, as the CRPN's): initial deltas are small.
             self.reg_query = nn.Linear(box_head_dim, 4 * reg_dim)  # b_q -> 4 x D
             self.reg_proposal = nn.Linear(box_head_dim, reg_dim)  # b_p -> 1 x D
-            import os
             for layer in (self.reg_query, self.reg_proposal):
-                if not os.environ.get("DEFAULT_INIT"):
-                    nn.init.normal_(layer.weight, std=0.01)
-                    nn.init.zeros_(layer.bias)
-            if os.environ.get("NOSCALE"):
-                self.scale = 1.0
+                nn.init.normal_(layer.weight, std=0.01)
+                nn.init.zeros_(layer.bias)
         else:
             self.reg_query = self.reg_proposal = None
 
