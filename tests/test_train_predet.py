@@ -1,0 +1,267 @@
+"""train_predet.py end to end on real photos: every loss finite, the total falls, the export loads into timm and
+finetune.py's detector, resume is exact, DDP runs, and bad input (no OpenCV, empty label sets, corrupt images) gets
+its message."""
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+import train_predet
+from detpretrain import engine
+from detpretrain.detection.detectors import build_detector
+from detpretrain.detection.protocols import PROTOCOLS
+from detpretrain.predet.model import LOSS_KEYS
+from tests.conftest import REPO_ROOT
+
+# A tiny PreDet: timm's test_resnet, 96-px views, a narrow FPN and box head, fewer proposals and negatives.
+TINY = [
+    *["--model", "test_resnet", "--view-size", "96", "--device", "cpu", "--num-workers", "0", "--quiet"],
+    *["--proposal-workers", "2", "--fpn-channels", "32", "--predet-config", "box_head_dim=128"],
+    *["croi_negatives_per_image=64", "crpn_pre_nms_topk=300", "crpn_post_nms_topk=200"],
+]
+LOSS_TERMS = {"loss_cls", "loss_crpn_cls", "loss_crpn_reg", "loss_info", "loss_croi_reg"}
+
+
+def coco128_flags(coco128):
+    images, ann = coco128 / "images", coco128 / "annotations/instances_train2017.json"
+    return ["--train-images", str(images), "--train-ann", str(ann), "--skip-bad-rows"]
+
+
+@pytest.fixture(scope="module")
+def coco128_proposals(tmp_path_factory, coco128):
+    """The EdgeBoxes cache of coco128's labelled images, computed once for the module's runs."""
+    path = tmp_path_factory.mktemp("proposals") / "coco128.edgeboxes"
+    args = train_predet.get_args_parser().parse_args([*TINY, *coco128_flags(coco128), "--proposals", str(path)])
+    images = train_predet.read_labelled_images(args)
+    train_predet.compute_proposal_cache(images.image_paths, path, num_workers=2)
+    return path
+
+
+def run(tmp_path, *extra: str, name: str = "run"):
+    args = train_predet.get_args_parser().parse_args([*TINY, "--output-dir", str(tmp_path / name), *extra])
+    return train_predet.main(args)
+
+
+def log_rows(output_dir):
+    return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_coco128_loss_falls_and_export_loads_strictly_into_timm(tmp_path, coco128, coco128_proposals):
+    export = run(
+        tmp_path,
+        *coco128_flags(coco128),
+        *["--proposals", str(coco128_proposals), "--iters", "120", "--warmup-iters", "10", "--batch-size", "8"],
+        *["--lr", "2.56", "--clip-grad", "10", "--log-every", "1"],
+    )
+    rows = log_rows(export.parent)
+    assert len(rows) == 120 and LOSS_TERMS | {"loss"} <= rows[0].keys()
+    assert all(torch.isfinite(torch.tensor([r[k] for k in LOSS_TERMS])).all() for r in rows)
+    first = statistics.mean(r["loss"] for r in rows[:30])
+    last = statistics.mean(r["loss"] for r in rows[-30:])
+    assert last < 0.96 * first, f"the total loss did not fall: {first:.3f} -> {last:.3f}"
+    first_info = statistics.mean(r["loss_info"] for r in rows[:30])
+    assert statistics.mean(r["loss_info"] for r in rows[-30:]) < 0.95 * first_info  # the lookup is learnt
+
+    model = timm.create_model(
+        "test_resnet",
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")),
+    )
+    exported = safetensors.torch.load_file(export / "model.safetensors")
+    assert set(exported) == set(model.state_dict())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in exported.items())
+    assert (export / "fpn.safetensors").is_file()
+
+    card = (export / "README.md").read_text()
+    for expected in ("image-gradient edges", "config.temperature", "0.07", "detectron2 default", "1/k", "view-2"):
+        assert expected in card, expected
+    args = json.loads((export.parent / "args.json").read_text())
+    assert args["losses"] == "cls,crpn,info,croi_reg" and args["lr"] == 2.56
+
+
+def test_export_initializes_finetune_detectors_backbone_and_fpn(tmp_path, coco128, coco128_proposals):
+    """At finetune.py's FPN width (256), the export's backbone and FPN both load into a Faster R-CNN."""
+    export = run(
+        tmp_path,
+        *coco128_flags(coco128),
+        *["--proposals", str(coco128_proposals), "--iters", "2", "--warmup-iters", "1", "--batch-size", "4"],
+        *["--fpn-channels", "256", "--view-size", "64", "--export-heads", "--tag", "predet_test"],
+    )
+    model, record = build_detector(
+        "fasterrcnn",
+        backbone="test_resnet",
+        num_classes=3,
+        protocol=PROTOCOLS["predet"],
+        backbone_weights=export,
+    )
+    assert record["loaded"]["fpn"]["from"] != "none", record["loaded"]
+    fpn = safetensors.torch.load_file(export / "fpn.safetensors")
+    loaded = model.backbone.fpn.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in fpn.items())
+    heads = safetensors.torch.load_file(export / "heads.safetensors")
+    assert any(k.startswith("crpn.") for k in heads) and any(k.startswith("croi.") for k in heads)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch, coco128, coco128_proposals):
+    """Killed right after the step-4 checkpoint, resumed with --resume auto: the same log and export."""
+    common = [*coco128_flags(coco128), "--proposals", str(coco128_proposals), "--iters", "7", "--warmup-iters", "2"]
+    common += ["--batch-size", "4", "--save-every", "2", "--log-every", "1", "--lr", "1.0"]
+    reference = run(tmp_path, *common, name="reference")
+
+    real_train_step = engine.train_step
+
+    def crash_at_step_5(**kwargs):
+        if kwargs["step"] == 5:
+            raise Crash("simulated kill")
+        return real_train_step(**kwargs)
+
+    monkeypatch.setattr(engine, "train_step", crash_at_step_5)
+    with pytest.raises(Crash):
+        run(tmp_path, *common, name="resumed")
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["step"] == 4
+    monkeypatch.setattr(engine, "train_step", real_train_step)
+    resumed = run(tmp_path, *common, "--resume", "auto", name="resumed")
+
+    a = safetensors.torch.load_file(reference / "model.safetensors")
+    b = safetensors.torch.load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    loss_keys = sorted(LOSS_TERMS | {"loss"})
+    assert [[r[k] for k in loss_keys] for r in log_rows(reference.parent)] == [
+        [r[k] for k in loss_keys] for r in log_rows(resumed.parent)
+    ]
+
+
+@pytest.mark.parametrize("losses", ["cls,info,croi_reg", "crpn,info,croi_reg", "cls"])
+def test_table1_ablations_train(tmp_path, losses, coco128, coco128_proposals):
+    """Tab. 1's rows: without crpn the CROI head trains on random boxes; cls alone needs no proposals at all."""
+    proposals = [] if losses == "cls" else ["--proposals", str(coco128_proposals)]
+    export = run(
+        tmp_path,
+        *coco128_flags(coco128),
+        *proposals,
+        *["--losses", losses, "--iters", "2", "--warmup-iters", "1", "--batch-size", "4", "--log-every", "1"],
+    )
+    rows = log_rows(export.parent)
+    expected = {k for name in losses.split(",") for k in LOSS_KEYS[name]}
+    assert {k for k in rows[0] if k.startswith("loss_")} == expected
+    if losses == "cls":
+        assert not (export.parent / "proposals.edgeboxes").exists()
+
+
+def test_two_gloo_processes(tmp_path, coco128, coco128_proposals):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        str(REPO_ROOT / "train_predet.py"),
+        *TINY,
+        *coco128_flags(coco128),
+        *["--proposals", str(coco128_proposals), "--output-dir", str(out)],
+        *["--iters", "3", "--warmup-iters", "1", "--batch-size", "4", "--log-every", "1"],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = log_rows(out)
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(LOSS_TERMS <= r.keys() for r in rows)
+    # Each process holds 2 images (4 views); the step's global batch is 8 views.
+    assert json.loads((out / "args.json").read_text())["batch_size"] == 4
+    timm.create_model(
+        "test_resnet",
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(out / "export" / "model.safetensors")),
+    )
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+def test_missing_opencv_says_how_to_install(tmp_path, monkeypatch, coco128):
+    monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` now raises ImportError
+    with pytest.raises(SystemExit, match=r"pip install.*detpretrain\[proposals\]"):
+        run(tmp_path, *coco128_flags(coco128), "--iters", "2", "--warmup-iters", "1")
+
+
+def test_empty_label_set_names_the_image_and_the_flag(tmp_path, coco128):
+    ann = str(coco128 / "annotations/instances_train2017.json")
+    with pytest.raises(SystemExit, match=r"empty label set.*--skip-bad-rows") as error:
+        run(
+            tmp_path,
+            "--train-images",
+            str(coco128 / "images"),
+            "--train-ann",
+            ann,
+            "--iters",
+            "2",
+            "--warmup-iters",
+            "1",
+        )
+    assert "image " in str(error.value) and ann in str(error.value)
+
+
+@pytest.fixture()
+def labelled_folder_with_a_corrupt_image(tmp_path, coco128):
+    """Six coco128 photos with hand-written labels (a .jsonl file) and one truncated JPEG."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = []
+    for i, photo in enumerate(sorted((coco128 / "images").glob("*.jpg"))[:6]):
+        shutil.copy(photo, folder / photo.name)
+        rows.append({"file": photo.name, "labels": ["animal" if i % 2 else "vehicle"]})
+    corrupt = folder / "corrupt.jpg"
+    corrupt.write_bytes(photo.read_bytes()[:300])
+    rows.append({"file": corrupt.name, "labels": ["animal"]})
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder, labels, corrupt
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path, labelled_folder_with_a_corrupt_image, capsys):
+    folder, labels, corrupt = labelled_folder_with_a_corrupt_image
+    data = ["--train-images", str(folder), "--train-ann", str(labels), "--iters", "2", "--warmup-iters", "1"]
+    with pytest.raises(SystemExit, match="--verify-images --skip-bad-rows") as error:
+        run(tmp_path, *data, name="fails")
+    assert str(corrupt) in str(error.value)
+
+    export = run(tmp_path, *data, "--verify-images", "--skip-bad-rows", "--batch-size", "4", name="skips")
+    assert "6 images, 2 classes" in capsys.readouterr().out
+    assert "skipped 1 rows: {'undecodable image': 1}" in (export / "README.md").read_text()
+
+
+def test_settings_are_checked_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="even"):
+        run(tmp_path, "--batch-size", "5", "--iters", "2", "--warmup-iters", "1")
+    with pytest.raises(SystemExit, match="--losses"):
+        run(tmp_path, "--losses", "cls,boxes", "--iters", "2", "--warmup-iters", "1")
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        run(tmp_path, "--predet-config", "temprature=0.1", "--iters", "2", "--warmup-iters", "1")
+
+
+def test_lr_drops_at_four_uniform_steps():
+    args = train_predet.get_args_parser().parse_args([])
+    assert (args.iters, args.lr, args.warmup_iters) == (540_000, 0.2, 1000)
+    assert train_predet.lr_milestones(args) == [108_000, 216_000, 324_000, 432_000]  # §4.1
+    assert train_predet.PAPER_GLOBAL_BATCH == 1024
+
+
+def test_norm_layers_get_no_weight_decay():
+    model = train_predet.create_predet("test_resnet", num_classes=3, losses=("cls",))
+    groups = train_predet.param_groups(model, weight_decay=1e-4, norm_weight_decay=0.0)
+    norm = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    assert {id(p) for p in groups[0]["params"]} == norm and groups[0]["weight_decay"] == 0.0
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
