@@ -393,14 +393,13 @@ def main(args: argparse.Namespace) -> Path:
 
     def compute_losses(batch) -> dict[str, torch.Tensor]:
         images = batch.images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        labels = [label.to(device, non_blocking=True) for label in batch.labels]
         with engine.autocast(device, amp=args.amp):
             terms = ddp_model(
                 images,
                 batch.queries_view1.to(device, non_blocking=True),
                 batch.queries_view2.to(device, non_blocking=True),
                 batch.query_valid.to(device, non_blocking=True),
-                labels,
+                batch.labels,  # on the CPU: the loss builds its (N, C) target there and copies it once
             )
         return {name: value.float() for name, value in terms.items()}
 

@@ -2,7 +2,8 @@
 
 Small functions, each stating its invariant: anchors on the FPN levels, the Faster R-CNN box parametrization
 (Ren et al., Eq. 2), the FPN level of a box (Lin et al., Eq. 1), clipping, random subsets, and the random boxes that
-replace CRPN proposals in the Tab. 1 rows without L_crpn. IoU matrices are ``torchvision.ops.box_iou``.
+replace CRPN proposals in the Tab. 1 rows without L_crpn. IoU matrices are ``torchvision.ops.box_iou``, or
+``batched_box_iou`` (the same numbers) over a batch; ``batched_nms_rows`` is greedy NMS over a batch without a loop.
 
 Conventions follow detectron2 (``anchor_generator.py``, ``box_regression.py``, ``poolers.py``), whose Faster R-CNN
 defaults PreDet uses "wherever possible" (§4.1): anchors are not rounded and sit at ``(x * stride, y * stride)``
@@ -31,6 +32,8 @@ from torchvision.ops import box_iou
 
 __all__ = [
     "DEFAULT_SCALE_CLAMP",
+    "batched_box_iou",
+    "batched_nms_rows",
     "cell_anchors",
     "clip_boxes",
     "decode_boxes",
@@ -41,6 +44,7 @@ __all__ = [
     "nonempty_boxes",
     "random_boxes_away_from",
     "sample_indices",
+    "sample_rows",
 ]
 
 # detectron2's _DEFAULT_SCALE_CLAMP: the largest dw / dh a decoded box may use (a 1000/16 = 62.5x scale-up).
@@ -174,6 +178,138 @@ def sample_indices(mask: Tensor, max_count: int) -> Tensor:
     candidates = torch.nonzero(mask).squeeze(1)
     order = torch.randperm(candidates.numel(), device=mask.device)[: max(max_count, 0)]
     return candidates[order]
+
+
+def sample_rows(mask: Tensor, max_count: int) -> Tensor:
+    """Per row of a 2-D ``mask`` (N, M), at most ``max_count`` of its True entries, uniformly without replacement;
+    returns the selection as an (N, M) bool mask. All of a row's True entries when it has fewer.
+
+    ``sample_indices`` for a whole batch at once, without a host synchronization: every entry gets a uniform random
+    key, and the ``max_count`` largest keys among a row's True entries are taken (a uniformly random subset).
+    Randomness: torch's global RNG of the mask's device.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D (rows, entries), got shape {tuple(mask.shape)}")
+    count = min(max(max_count, 0), mask.shape[1])
+    keys = torch.rand(mask.shape, device=mask.device).masked_fill_(~mask, -1.0)
+    top_keys, top_index = keys.topk(count, dim=1)
+    selected = torch.zeros_like(mask)
+    return selected.scatter_(1, top_index, top_keys >= 0)
+
+
+def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of every box of ``boxes1`` (..., N, 4) with every box of ``boxes2`` (..., M, 4); (..., N, M).
+
+    The leading (batch) dimensions broadcast: (B, N, 4) against (M, 4) compares each batch's boxes with one shared set.
+    The arithmetic is ``torchvision.ops.box_iou``'s, step for step, so the values are bitwise the same (a box of zero
+    area against another of zero area gives 0 / 0 = NaN there as here).
+    """
+    if boxes1.ndim < 2 or boxes1.shape[-1] != 4 or boxes2.ndim < 2 or boxes2.shape[-1] != 4:
+        raise ValueError(
+            f"boxes1 and boxes2 must be (..., N, 4) xyxy boxes, got shapes {tuple(boxes1.shape)}, {tuple(boxes2.shape)}"
+        )
+    planes1, planes2 = _coordinate_planes(boxes1), _coordinate_planes(boxes2)
+    return _planes_iou([c[..., :, None] for c in planes1], [c[..., None, :] for c in planes2])
+
+
+def _coordinate_planes(boxes: Tensor) -> list[Tensor]:
+    """x1, y1, x2, y2 and the area of (..., N, 4) boxes, each a contiguous (..., N) tensor (broadcast ops vectorize)."""
+    x1, y1, x2, y2 = (c.contiguous() for c in boxes.unbind(-1))
+    return [x1, y1, x2, y2, (x2 - x1) * (y2 - y1)]
+
+
+def _planes_iou(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """IoU from two sets of ``_coordinate_planes`` that broadcast against each other, in torchvision's arithmetic."""
+    x1a, y1a, x2a, y2a, area_a = a
+    x1b, y1b, x2b, y2b, area_b = b
+    # In place after the first op of each line: only a few full-size tensors are alive at a time.
+    width = torch.minimum(x2a, x2b).sub_(torch.maximum(x1a, x1b)).clamp_(min=0)
+    height = torch.minimum(y2a, y2b).sub_(torch.maximum(y1a, y1b)).clamp_(min=0)
+    inter = width.mul_(height)
+    union = (area_a + area_b).sub_(inter)
+    return inter.div_(union)
+
+
+# Entries of the IoU blocks that batched_nms_rows computes at once: bounds its float32 intermediates to a few times
+# 64 MiB whatever the batch. Its boxes come in tiles of _NMS_TILE (a multiple of 64, the bits of a word).
+_NMS_BLOCK_ENTRIES = 1 << 24
+_NMS_TILE = 256
+# Greedy-NMS iterations between two convergence checks (each check is one host synchronization).
+_NMS_CHECK_EVERY = 4
+
+
+def batched_nms_rows(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS within each row of a batch, all rows at once; returns ``keep`` (B, K) bool.
+
+    ``boxes`` (B, K, 4), ``scores`` (B, K), ``valid`` (B, K) bool: each row is one independent NMS problem over its
+    valid boxes (invalid ones are neither kept nor suppress anything; a row without valid box keeps none). Within a
+    row, as ``torchvision.ops.nms``: boxes are visited by decreasing score, and a box is kept unless a kept box visited
+    before it overlaps it with IoU > ``iou_threshold``. ``keep`` marks the kept boxes in the input's positions.
+
+    Equal scores: the boxes are visited in a stable order (equal scores in input order). torchvision sorts with
+    ``Tensor.sort(descending=True)``, which does not promise an order among equal scores (on CPU it is not stable), so
+    with ties the two may keep different boxes; with distinct scores they agree exactly. The IoUs are
+    ``batched_box_iou``'s, bitwise those of torchvision's CPU kernel (its CUDA kernel may fuse a multiply-add in the
+    union, which can move an IoU by one unit in the last place).
+
+    No per-row loop and no data-dependent shape: the host waits on the device only in a convergence check every few
+    iterations of the fixed point below, once for the whole batch.
+    """
+    if boxes.ndim != 3 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:2] or valid.shape != scores.shape:
+        raise ValueError(
+            f"boxes must be (B, K, 4) with scores and valid (B, K), got {tuple(boxes.shape)}, {tuple(scores.shape)} "
+            f"and {tuple(valid.shape)}"
+        )
+    if valid.dtype != torch.bool:
+        raise ValueError(f"valid must be a bool mask, got {valid.dtype}")
+    rows, k = scores.shape
+    if k == 0:
+        return valid.clone()
+    order = scores.argsort(dim=1, descending=True, stable=True)  # (B, K): the visiting order
+    # Padded with invalid all-zero boxes to whole 64-bit words (their IoUs are 0 or NaN: never above the threshold).
+    padded = -(-k // 64) * 64
+    sorted_boxes = boxes.new_zeros(rows, padded, 4)
+    sorted_boxes[:, :k] = boxes.gather(1, order[:, :, None].expand(rows, k, 4))
+    sorted_valid = valid.new_zeros(rows, padded)
+    sorted_valid[:, :k] = valid.gather(1, order)
+    planes = _coordinate_planes(sorted_boxes)  # 5 x (B, K)
+    bit_values = 2 ** torch.arange(8, dtype=torch.uint8, device=boxes.device)  # made on the device: no host copy
+    # suppressors[b, j]: bit i set when box i is visited before box j and overlaps it above the threshold, 64 boxes i
+    # per int64 word (K * K bits in all). Only i < j matters: the boxes j of a tile [top, bottom) are compared with the
+    # boxes i < bottom alone, about half of the K * K pairs.
+    suppressors = torch.zeros((rows, padded, padded // 64), dtype=torch.int64, device=boxes.device)
+    for top in range(0, padded, _NMS_TILE):
+        bottom = min(top + _NMS_TILE, padded)
+        block = max(1, _NMS_BLOCK_ENTRIES // ((bottom - top) * bottom))
+        for start in range(0, rows, block):
+            later = [c[start : start + block, top:bottom, None] for c in planes]  # boxes j: (b, bottom - top, 1)
+            earlier = [c[start : start + block, None, :bottom] for c in planes]  # boxes i: (b, 1, bottom)
+            iou = _planes_iou(later, earlier)  # (b, bottom - top, bottom); IoU(j, i) == IoU(i, j) bit for bit
+            overlaps = torch.gt(iou, iou_threshold).tril_(diagonal=top - 1)  # [j, i] with i < j only
+            suppressors[start : start + block, top:bottom, : bottom // 64] = _pack_bits(overlaps, bit_values)
+    # Greedy NMS is the unique solution of keep[j] = valid[j] and not any_{i<j}(keep[i] and overlaps[j, i]): the
+    # right side reads only boxes visited before j, so it fixes keep[0], then keep[1], ... in turn. Iterating
+    # keep <- valid & ~any_i(keep[i] & overlaps[j, i]) from keep = valid reaches it exactly (Cluster-NMS, Zheng et
+    # al. 2021):
+    # - after t iterations the first t + 1 boxes hold their final value (induction on t: box 0 has nothing before it,
+    #   and box j <= t + 1 at iteration t + 1 reads only boxes i <= t, final since iteration t), so K - 1 iterations
+    #   always suffice;
+    # - an iterate that the update leaves unchanged satisfies the recursive definition, whose solution is unique, so
+    #   it is greedy NMS's keep: stopping at the first unchanged iterate is exact, not an approximation.
+    keep = sorted_valid
+    for iteration in range(1, k + 1):
+        previous = keep
+        keep = sorted_valid & ~(suppressors & _pack_bits(keep, bit_values)[:, None, :]).any(dim=-1)
+        if iteration % _NMS_CHECK_EVERY == 0 and torch.equal(keep, previous):
+            break
+    return torch.zeros_like(valid).scatter_(1, order, keep[:, :k])
+
+
+def _pack_bits(mask: Tensor, bit_values: Tensor) -> Tensor:
+    """(..., 64 * W) bool -> (..., W) int64 holding the bits of ``mask``; ``bit_values`` is 1, 2, 4, ..., 128 (uint8).
+    The bit order within a word is the machine's: packed masks are only ever compared with each other."""
+    packed_bytes = (mask.view(torch.uint8).unflatten(-1, (-1, 8)) * bit_values).sum(dim=-1, dtype=torch.uint8)
+    return packed_bytes.view(torch.int64)
 
 
 def jitter_boxes(

@@ -153,23 +153,26 @@ def multilabel_targets(image_labels: Sequence[Tensor] | Tensor, *, num_classes: 
     repeated in one image counts once; an image without labels gets an all-zero row (``multilabel_softmax_loss``
     leaves it out).
     """
-    if isinstance(image_labels, Tensor):
-        if image_labels.ndim != 2:
-            raise ValueError(
-                f"padded image_labels must be (N, L) with -1 padding, got shape {tuple(image_labels.shape)}"
-            )
-        rows = list(image_labels)
-    else:
-        rows = list(image_labels)
-    device = rows[0].device if rows else None
-    hot = torch.zeros(len(rows), num_classes, device=device)
+    if isinstance(image_labels, Tensor) and image_labels.ndim != 2:
+        raise ValueError(f"padded image_labels must be (N, L) with -1 padding, got shape {tuple(image_labels.shape)}")
+    rows = list(image_labels)
     for i, row in enumerate(rows):
         if row.ndim != 1:
             raise ValueError(f"the labels of image {i} must be a 1-D tensor of class indices, got {tuple(row.shape)}")
-        row = row[row >= 0].long()
-        if len(row) and int(row.max()) >= num_classes:
-            raise ValueError(f"image {i} has label {int(row.max())}, outside [0, {num_classes}) (num_classes)")
-        hot[i, row.to(hot.device)] = 1.0
+    device = rows[0].device if rows else None
+    hot = torch.zeros(len(rows), num_classes, device=device)
+    if not rows:
+        return hot
+    # All images at once, with one host synchronization for the range check (a loop would sync per image).
+    labels = torch.cat(rows).long().to(device)
+    image = torch.repeat_interleave(
+        torch.arange(len(rows), device=device), torch.tensor([len(r) for r in rows]).to(device)
+    )
+    labels, image = labels[labels >= 0], image[labels >= 0]
+    if len(labels) and int(labels.max()) >= num_classes:
+        bad = int(image[labels.argmax()])
+        raise ValueError(f"image {bad} has label {int(labels.max())}, outside [0, {num_classes}) (num_classes)")
+    hot[image, labels] = 1.0
     return hot / hot.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
@@ -182,14 +185,16 @@ def multilabel_softmax_loss(pred_logits: Tensor, image_labels: Sequence[Tensor] 
     """
     if pred_logits.ndim != 2:
         raise ValueError(f"pred_logits must be (N, C), got shape {tuple(pred_logits.shape)}")
-    targets = multilabel_targets(image_labels, num_classes=pred_logits.shape[1]).to(pred_logits.device)
+    targets = multilabel_targets(image_labels, num_classes=pred_logits.shape[1])
     if len(targets) != len(pred_logits):
         raise ValueError(f"{len(pred_logits)} rows of logits but labels for {len(targets)} images")
-    labelled = targets.sum(dim=1) > 0
-    if not bool(labelled.any()):
+    # Counted where the targets were built (the labels' device, the CPU in training): no GPU synchronization.
+    num_labelled = int((targets.sum(dim=1) > 0).sum())
+    if num_labelled == 0:
         return pred_logits.sum() * 0.0
-    log_probs = F.log_softmax(pred_logits[labelled].float(), dim=1)
-    return -(targets[labelled] * log_probs).sum(dim=1).mean()
+    # An unlabelled row has an all-zero target, so it adds exactly 0 to the sum: the mean over labelled images.
+    log_probs = F.log_softmax(pred_logits.float(), dim=1)
+    return -(targets.to(pred_logits.device, non_blocking=True) * log_probs).sum() / num_labelled
 
 
 def info_nce_loss(

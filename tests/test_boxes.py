@@ -17,6 +17,7 @@ from detpretrain.boxes import (
     nonempty_boxes,
     random_boxes_away_from,
     sample_indices,
+    sample_rows,
 )
 
 
@@ -119,3 +120,16 @@ def test_random_negatives_overlap_no_box_and_stay_in_the_image():
     assert nonempty_boxes(negatives, min_size=15.9).all()
     with pytest.raises(ValueError, match="min_size"):
         random_boxes_away_from(boxes, num=4, max_iou=0.5, image_size=(10, 128))
+
+
+def test_sample_rows_draws_a_uniform_subset_of_each_rows_true_entries():
+    torch.manual_seed(0)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, [1, 4, 7]] = True  # fewer than max_count: all of them
+    mask[1, :] = True  # more: exactly max_count
+    selected = sample_rows(mask, 5)
+    assert torch.equal(selected[0], mask[0]) and int(selected[1].sum()) == 5 and not selected[2].any()
+    assert not (selected & ~mask).any()
+    # Uniform: over many draws every entry of a full row is chosen about max_count / M of the time.
+    counts = sum(sample_rows(torch.ones(1, 10, dtype=torch.bool), 3)[0].float() for _ in range(2000))
+    assert torch.allclose(counts / 2000, torch.full((10,), 0.3), atol=0.05)

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, nms
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from detpretrain.backbone import TimmFPN, create_body
-from detpretrain.boxes import cell_anchors, decode_boxes, encode_boxes, grid_anchors
+from detpretrain.boxes import cell_anchors, clip_boxes, decode_boxes, encode_boxes, grid_anchors, nonempty_boxes
 from detpretrain.losses import info_nce_loss
 from detpretrain.predet.croi import ContrastiveROIHeads, CROIHead, FPNRoIAlign, sample_query_proposals
 from detpretrain.predet.crpn import ContrastiveRPN, CRPNHead, match_anchors_to_queries, query_anchor_products
@@ -59,7 +59,7 @@ def make_crpn(head=None, **overrides):
 # CRPN
 
 
-def test_group_convolution_equals_the_explicit_per_anchor_dot_products():
+def test_query_anchor_products_are_the_group_convolution_and_the_explicit_per_anchor_dot_products():
     torch.manual_seed(0)
     n, q, a, k, d, h, w = 2, 3, 3, 4, 5, 3, 4
     image = torch.randn(n, a * d, h, w)
@@ -74,6 +74,20 @@ def test_group_convolution_equals_the_explicit_per_anchor_dot_products():
                         feature = image[i, anchor * d : (anchor + 1) * d, y, x]
                         expected = vectors[i, j, anchor] @ feature  # (k,)
                         torch.testing.assert_close(out[i, j, (y * w + x) * a + anchor], expected)
+    # The paper's literal formulation (§3.2.1): a 1x1 convolution with A groups per image, whose kernels are the
+    # query vectors (Q * K output channels per group); the images are folded into the groups.
+    kernels = vectors.permute(0, 2, 1, 3, 4).reshape(n * a * q * k, d, 1, 1)  # (N*A*Q*K, D, 1, 1)
+    conv = F.conv2d(image.reshape(1, n * a * d, h, w), kernels, groups=n * a)  # (1, N*A*Q*K, h, w)
+    conv = conv.reshape(n, a, q, k, h, w).permute(0, 2, 4, 5, 1, 3).reshape(n, q, h * w * a, k)
+    torch.testing.assert_close(out, conv)
+    # The same numbers and gradients from channels_last features.
+    image.requires_grad_()
+    channels_last = image.detach().to(memory_format=torch.channels_last).requires_grad_()
+    torch.testing.assert_close(query_anchor_products(channels_last, vectors), out)
+    weights = torch.randn_like(out)
+    (query_anchor_products(image, vectors) * weights).sum().backward()
+    (query_anchor_products(channels_last, vectors) * weights).sum().backward()
+    torch.testing.assert_close(channels_last.grad, image.grad)
 
 
 def test_crpn_head_scores_line_up_with_the_anchor_order():
@@ -104,32 +118,67 @@ def test_matching_takes_the_max_iou_query_and_the_paper_thresholds():
             [0.8, 0.5, 0.2, 0.0, 0.0, 0.29],
             [0.5, 0.1, 0.25, 0.0, 0.6, 0.31],
             [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # a query that overlaps no anchor
+            [0.9, 0.9, 0.9, 0.9, 0.9, 0.9],  # an invalid slot: ignored whatever its IoUs
         ]
-    )
+    )[None]  # (N=1, Q=4, M=6)
+    valid = torch.tensor([[True, True, True, False]])
     matched, labels = match_anchors_to_queries(
-        iou, negative_threshold=0.3, positive_threshold=0.7, allow_low_quality_matches=False
+        iou, valid, negative_threshold=0.3, positive_threshold=0.7, allow_low_quality_matches=False
     )
-    assert labels.tolist() == [1, -1, 0, 0, -1, -1]
-    assert matched[[0, 1, 2, 4, 5]].tolist() == [0, 0, 1, 1, 1]
+    assert labels.tolist() == [[1, -1, 0, 0, -1, -1]]
+    assert matched[0, [0, 1, 2, 4, 5]].tolist() == [0, 0, 1, 1, 1]
+    assert matched[0, 3] != 3  # anchor 3 overlaps no valid query: a random valid one
     # detectron2's low-quality rule: query 1's best anchor (4, IoU 0.6) turns positive; query 2 (no overlap) adds none.
     matched, labels = match_anchors_to_queries(
-        iou, negative_threshold=0.3, positive_threshold=0.7, allow_low_quality_matches=True
+        iou, valid, negative_threshold=0.3, positive_threshold=0.7, allow_low_quality_matches=True
     )
-    assert labels.tolist() == [1, -1, 0, 0, 1, -1]
-    assert matched[4].item() == 1
+    assert labels.tolist() == [[1, -1, 0, 0, 1, -1]]
+    assert matched[0, 4].item() == 1
+    # Equal maxima go to the lowest slot (anchor 1); an image without a valid query gets no label.
+    tied = torch.tensor([[[0.0, 0.8], [0.5, 0.8]], [[0.9, 0.9], [0.9, 0.9]]])  # (N=2, Q=2, M=2)
+    valid = torch.tensor([[True, True], [False, False]])
+    matched, labels = match_anchors_to_queries(
+        tied, valid, negative_threshold=0.3, positive_threshold=0.7, allow_low_quality_matches=True
+    )
+    assert matched.tolist() == [[1, 0], [0, 0]] and labels.tolist() == [[-1, 1], [-1, -1]]
+
+
+def test_matching_all_images_at_once_equals_matching_each_image_alone():
+    torch.manual_seed(0)
+    xy = torch.rand(3, 5, 2) * 100
+    queries = torch.cat((xy, xy + torch.rand(3, 5, 2) * 60 + 2), dim=-1)  # (N, Q, 4)
+    xy = torch.rand(400, 2) * 120
+    anchors = torch.cat((xy, xy + torch.rand(400, 2) * 60 + 2), dim=-1)
+    valid = torch.tensor([[True, False, True, True, False], [True] * 5, [False, False, True, False, False]])
+    iou = box_iou(queries.reshape(-1, 4), anchors).reshape(3, 5, 400)
+    for low_quality in (False, True):
+        kwargs = dict(negative_threshold=0.3, positive_threshold=0.7, allow_low_quality_matches=low_quality)
+        matched, labels = match_anchors_to_queries(iou, valid, **kwargs)
+        for i in range(3):
+            slots = torch.nonzero(valid[i]).squeeze(1)
+            alone_iou = iou[i, slots][None]  # (1, Qv, M): this image's valid queries only
+            alone_matched, alone_labels = match_anchors_to_queries(
+                alone_iou, torch.ones(1, len(slots), dtype=torch.bool), **kwargs
+            )
+            overlap = alone_iou[0].amax(dim=0) > 0  # elsewhere the match is random
+            assert torch.equal(labels[i], alone_labels[0])
+            assert torch.equal(matched[i, overlap], slots[alone_matched[0, overlap]])
+            assert valid[i, matched[i]].all()
 
 
 def test_anchors_without_overlap_get_a_uniformly_random_query():
     torch.manual_seed(0)
-    iou = torch.zeros(3, 3000)
-    iou[1, 0] = 0.9
+    iou = torch.zeros(2, 4, 3000)
+    iou[:, 1, 0] = 0.9
+    valid = torch.tensor([[True, True, False, True], [False, True, False, False]])  # slot 2 holds no query
     matched, labels = match_anchors_to_queries(
-        iou, negative_threshold=0.3, positive_threshold=0.7, allow_low_quality_matches=False
+        iou, valid, negative_threshold=0.3, positive_threshold=0.7, allow_low_quality_matches=False
     )
-    assert matched[0].item() == 1 and labels[0].item() == 1
-    counts = torch.bincount(matched[1:], minlength=3)
-    assert (counts > 900).all(), counts  # about 1000 each
-    assert (labels[1:] == 0).all()
+    assert matched[:, 0].tolist() == [1, 1] and labels[:, 0].tolist() == [1, 1]
+    counts = torch.bincount(matched[0, 1:], minlength=4)
+    assert counts[2] == 0 and (counts[[0, 1, 3]] > 900).all(), counts  # about 1000 for each valid query
+    assert (matched[1] == 1).all()  # the only valid query
+    assert (labels[:, 1:] == 0).all()
 
 
 def test_sampling_keeps_at_most_128_positives_and_128_negatives_and_ignores_invalid_queries():
@@ -221,6 +270,44 @@ def test_proposals_take_the_best_valid_query_then_top_k_clip_and_nms_in_view1():
     assert len(proposals[0]) == 1
 
 
+@pytest.mark.parametrize("pre_nms_topk", [150, 500])  # both levels cut to 150 (one NMS call), or 500 and 192
+def test_proposals_equal_a_per_image_per_level_reference_with_torchvision_nms(pre_nms_topk):
+    # The batched construction against a plain loop over images and levels with torchvision's nms (distinct scores:
+    # torchvision does not promise an order among equal ones).
+    torch.manual_seed(0)
+    crpn = make_crpn(
+        anchor_sizes=(16, 32), strides=(4, 8), pre_nms_topk=pre_nms_topk, post_nms_topk=120, min_box_size=2.0
+    )
+    features = [torch.zeros(3, 4, 16, 16), torch.zeros(3, 4, 8, 8)]
+    anchors = crpn.anchors(features)
+    logits = [torch.randn(3, 4, len(a)) for a in anchors]
+    deltas = [torch.randn(3, 4, len(a), 4) * 0.3 for a in anchors]
+    valid = torch.tensor([[True, False, True, True], [False] * 4, [False, True, False, False]])
+    proposals, scores = crpn.find_proposals(logits, deltas, anchors, valid, image_size=(64, 64))
+    for i in range(3):
+        if not valid[i].any():
+            assert proposals[i].shape == (0, 4) and scores[i].shape == (0,)
+            continue
+        kept_boxes, kept_scores = [], []
+        for level_logits, level_deltas, level_anchors in zip(logits, deltas, anchors, strict=True):
+            best, query = level_logits[i, valid[i]].max(dim=0)
+            query = torch.nonzero(valid[i]).squeeze(1)[query]
+            top, anchor = best.topk(min(pre_nms_topk, len(best)))
+            boxes = clip_boxes(
+                decode_boxes(level_deltas[i, query[anchor], anchor], level_anchors[anchor], weights=(1.0,) * 4),
+                (64, 64),
+            )
+            nonempty = nonempty_boxes(boxes, min_size=2.0)
+            boxes, top = boxes[nonempty], top[nonempty]
+            keep = nms(boxes, top, 0.7)
+            kept_boxes.append(boxes[keep])
+            kept_scores.append(top[keep])
+        expected_scores, order = torch.cat(kept_scores).sort(descending=True, stable=True)
+        assert torch.equal(scores[i], expected_scores[:120])
+        assert torch.equal(proposals[i], torch.cat(kept_boxes)[order[:120]])
+    assert sum(len(p) for p in proposals) > 100  # the NMS and the limits had work to do
+
+
 def test_crpn_forward_proposals_are_view1_boxes_within_the_limits():
     torch.manual_seed(0)
     head = CRPNHead(in_channels=4, query_in_features=8, num_anchors=3, dim=4)
@@ -257,25 +344,35 @@ def test_fpn_roi_align_pools_each_box_at_its_level_and_image():
     torch.testing.assert_close(pooled.mean(dim=(1, 2, 3)), torch.tensor([2.0, 3.0, 4.0, 5.0, 12.0]))
 
 
+def sample_one_image(proposals, queries, *, max_negatives):
+    """``sample_query_proposals`` on a batch of one image whose queries are all valid: (positives, negatives)."""
+    positives, negatives, negative_valid = sample_query_proposals(
+        proposals[None],
+        torch.ones(1, len(proposals), dtype=torch.bool),
+        queries[None],
+        torch.ones(1, len(queries), dtype=torch.bool),
+        iou_threshold=0.5,
+        max_negatives=max_negatives,
+    )
+    return positives[0], negatives[0][negative_valid[0]]
+
+
 def test_croi_sampling_appends_queries_and_draws_positives_and_negatives_by_iou():
     torch.manual_seed(0)
     queries = torch.tensor([[10.0, 10.0, 50.0, 50.0], [60.0, 60.0, 100.0, 90.0]])
     xy = torch.rand(300, 2) * 100
     proposals = torch.cat((xy, xy + torch.rand(300, 2) * 40 + 5), dim=1)
     proposals = torch.cat((proposals, queries + 2.0))  # a near copy of each query
-    positives, negatives = sample_query_proposals(proposals, queries, iou_threshold=0.5, max_negatives=20)
+    positives, negatives = sample_one_image(proposals, queries, max_negatives=20)
     assert positives.shape == (2, 4) and len(negatives) == 20
     assert (box_iou(positives, queries).diag() > 0.5).all()
     assert (box_iou(negatives, queries) < 0.5).all()
     # With no proposal at all the appended query is its own positive, and there is no negative.
-    positives, negatives = sample_query_proposals(torch.zeros(0, 4), queries, iou_threshold=0.5, max_negatives=20)
+    positives, negatives = sample_one_image(torch.zeros(0, 4), queries, max_negatives=20)
     torch.testing.assert_close(positives, queries)
     assert len(negatives) == 0
     # The positive is uniform among the candidates above 0.5: both the copy and the query itself come up.
-    drawn = {
-        tuple(sample_query_proposals(queries[:1] + 2.0, queries[:1], iou_threshold=0.5, max_negatives=0)[0][0].tolist())
-        for _ in range(40)
-    }
+    drawn = {tuple(sample_one_image(queries[:1] + 2.0, queries[:1], max_negatives=0)[0][0].tolist()) for _ in range(40)}
     assert len(drawn) == 2
 
 
@@ -293,8 +390,13 @@ def test_croi_info_loss_pads_each_images_negatives():
     query_embed = F.normalize(torch.randn(3, 4), dim=1)
     positive_embed = F.normalize(torch.randn(3, 4), dim=1)
     negatives = [F.normalize(torch.randn(2, 4), dim=1), F.normalize(torch.randn(5, 4), dim=1)]
-    query_image = torch.tensor([0, 0, 2])  # image 1 has no query; image 0 has two, image 2 one
-    loss = heads._info_loss(query_embed, positive_embed, negatives, query_image=query_image)
+    # Image 0 has two queries and 2 negatives, image 1 no query, image 2 one query and 5 negatives; 5 negative slots
+    # per image, the unused ones (and image 1's) filled with random embeddings that must not count.
+    query_valid = torch.tensor([[True, True], [False, False], [False, True]])
+    negative_embed = F.normalize(torch.randn(3, 5, 4), dim=2)
+    negative_embed[0, :2], negative_embed[2] = negatives[0], negatives[1]
+    negative_valid = torch.tensor([[True, True, False, False, False], [False] * 5, [True] * 5])
+    loss = heads._info_loss(query_embed, positive_embed, negative_embed, negative_valid, query_valid=query_valid)
     expected = torch.stack(
         [
             info_nce_loss(

@@ -10,11 +10,17 @@ query is one proposal overlapping it (IoU > 0.5) and whose negatives P_neg are u
 deltas); ``ContrastiveROIHeads`` samples positives and negatives and computes L_info and L_croi-reg. Readings where
 the paper is silent follow PAPER_NOTES.md ("CROI") and are marked where they are made.
 
+The whole batch is sampled and scored at once, without a loop over images and without a host synchronization (the
+pooler's level split is the one per call): each image's proposals are padded to the batch's longest list with a
+validity mask, and its negatives to ``M`` slots with a mask, so that every step has the same sequence of kernels.
+
 Glossary (names and shapes):
 
     N              images in the batch
     Q, Qv          query slots per image (padded), valid queries of an image; Qn: valid queries of the batch
-    P_i            proposals of image i (view-1 pixels); n_i: the negatives sampled from them (<= 512)
+    P_i, P         proposals of image i (view-1 pixels); P = max_i P_i, the padded width
+    C              candidates per image: its P proposal slots, then its Q query slots (P + Q)
+    M              negative slots per image: min(512, C); n_i <= M of image i's slots hold a sampled negative
     C, S           FPN width, pooled resolution (7); F = C * S * S
     E              width of the shared FC before the cosine similarity; D: width of the regression dot products
     features       list of (N, C, h_l, w_l): the FPN maps pooled from (P2..P5)
@@ -22,7 +28,10 @@ Glossary (names and shapes):
     pooled         (K, C, S, S): ROIAlign output; b: (K, 1024) box-head features
     queries        (N, Q, 4): the query boxes in view-1 coordinates; query_valid (N, Q) bool
     query_pooled   (Qn, C, S, S): the queries pooled from view-2, in the order of ``queries[query_valid]``
-    proposals      list of N (P_i, 4): CRPN proposals, or random boxes when CRPN is off (Tab. 1)
+    proposals      list of N (P_i, 4): CRPN proposals, or random boxes when CRPN is off (Tab. 1); padded: (N, P, 4)
+                   with proposal_valid (N, P) bool
+    iou            (N, Q, C): IoU of each query slot with each candidate slot of its image
+    negatives      (N, M, 4) with negative_valid (N, M) bool; an invalid slot holds the empty box (0, 0, 0, 0)
 """
 
 from __future__ import annotations
@@ -33,16 +42,18 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
-from torchvision.ops import box_iou, roi_align
+from torchvision.ops import roi_align
 
-from detpretrain.boxes import encode_boxes, fpn_levels, jitter_boxes, random_boxes_away_from, sample_indices
+from detpretrain.boxes import encode_boxes, fpn_levels, jitter_boxes, random_boxes_away_from, sample_rows
 from detpretrain.losses import box_regression_loss, info_nce_loss
 
 __all__ = [
     "CROIHead",
     "ContrastiveROIHeads",
     "FPNRoIAlign",
+    "pad_proposals",
     "random_query_proposals",
     "sample_query_proposals",
 ]
@@ -91,20 +102,31 @@ class FPNRoIAlign(nn.Module):
             canonical_level=self.canonical_level,
         )
         rois = torch.cat((batch_index[:, None].to(boxes.dtype), boxes), dim=1)
-        first = features[0]
-        result = first.new_zeros(len(boxes), first.shape[1], self.output_size, self.output_size)
-        for offset, (x, stride) in enumerate(zip(features, self.strides, strict=True)):
-            index = torch.nonzero(levels == self.min_level + offset).squeeze(1)
-            pooled = roi_align(
+        # The boxes sorted by level, one slice per level: a single host synchronization (the slice sizes) instead of
+        # one per level. The stable sort keeps each level's boxes in their input order. A box of negative size gets a
+        # NaN level, which the clamp lets through and the integer cast makes arbitrary: counted in an extra slot, it
+        # fails loudly here with no further synchronization.
+        num_levels = len(self.strides)
+        index = levels - self.min_level
+        index = index.masked_fill((index < 0) | (index >= num_levels), num_levels)
+        order = torch.argsort(index, stable=True)
+        *counts, num_unpooled = torch.bincount(index, minlength=num_levels + 1).tolist()
+        if num_unpooled:
+            raise ValueError(f"{num_unpooled} boxes have no FPN level: boxes need x2 >= x1 and y2 >= y1 (no NaN)")
+        pooled = [
+            roi_align(
                 x,
-                rois[index].to(x.dtype),
+                level_rois.to(x.dtype),
                 output_size=self.output_size,
                 spatial_scale=1.0 / stride,
                 sampling_ratio=self.sampling_ratio,
                 aligned=self.aligned,
             )
-            result = result.index_copy(0, index, pooled.to(result.dtype))
-        return result
+            for x, stride, level_rois in zip(features, self.strides, rois[order].split(counts), strict=True)
+        ]
+        dtype = features[0].dtype
+        pooled = torch.cat([p.to(dtype) for p in pooled])  # (K, C, S, S), level-sorted
+        return pooled.index_select(0, torch.argsort(order))  # back to the input order
 
 
 class CROIHead(nn.Module):
@@ -159,27 +181,71 @@ class CROIHead(nn.Module):
         return torch.einsum("kcd,kd->kc", query_side, proposal_side) * self.scale
 
 
-def sample_query_proposals(
-    proposals: Tensor, queries: Tensor, *, iou_threshold: float, max_negatives: int
-) -> tuple[Tensor, Tensor]:
-    """One positive per query and the shared negatives of an image (§3.2.2); ``(positives (Qv, 4), negatives (n, 4))``.
+def pad_proposals(proposals: Sequence[Tensor], *, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The N proposal lists padded to the longest: ``(proposals (N, P, 4), proposal_valid (N, P))``; padding boxes
+    are (0, 0, 0, 0). Sizes come from the tensors' shapes, so no host synchronization."""
+    boxes = pad_sequence([b.to(dtype) for b in proposals], batch_first=True)
+    valid = pad_sequence([torch.ones(len(b), dtype=torch.bool, device=b.device) for b in proposals], batch_first=True)
+    return boxes, valid
 
-    The queries (view-1 boxes) are appended to the proposals first, as detectron2 appends ground truth, so that every
-    query has a positive (PAPER_NOTES.md). p+_q is drawn uniformly among the boxes with IoU > ``iou_threshold`` to q;
-    P_neg is a uniform draw of at most ``max_negatives`` boxes whose IoU with every query is < ``iou_threshold``.
-    Randomness: torch's global RNG.
+
+def sample_query_proposals(
+    proposals: Tensor,
+    proposal_valid: Tensor,
+    queries: Tensor,
+    query_valid: Tensor,
+    *,
+    iou_threshold: float,
+    max_negatives: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One positive per query slot and the shared negatives of each image (§3.2.2), the whole batch at once;
+    ``(positives (N, Q, 4), negatives (N, M, 4), negative_valid (N, M))`` with M = min(``max_negatives``, P + Q).
+
+    Per image, the valid queries (view-1 boxes) are appended to its valid proposals first, as detectron2 appends ground
+    truth, so that every query has a positive (PAPER_NOTES.md). p+_q is drawn uniformly among those candidates with
+    IoU > ``iou_threshold`` to q; P_neg is a uniform draw of at most ``max_negatives`` candidates whose IoU with every
+    valid query of the image is < ``iou_threshold`` (``detpretrain.boxes.sample_rows``). An image without a valid
+    query gets no negative; an invalid query slot gets an arbitrary positive, to be ignored. Randomness: torch's global
+    RNG of the boxes' device. No host synchronization.
     """
-    candidates = torch.cat((proposals.to(queries.dtype), queries))
-    iou = box_iou(queries, candidates)  # (Qv, P + Qv)
+    num_images, num_slots = query_valid.shape
+    candidates = torch.cat((proposals.to(queries.dtype), queries), dim=1)  # (N, C, 4)
+    candidate_valid = torch.cat((proposal_valid, query_valid), dim=1)  # (N, C)
+    iou = _batched_box_iou(queries, candidates)  # (N, Q, C)
     # A uniform choice among the positives: the largest of independent uniform keys, restricted to them.
-    keys = torch.rand_like(iou).masked_fill(iou <= iou_threshold, -1.0)
-    positives = candidates[keys.argmax(dim=1)]
-    if len(queries):
-        negative = iou.amax(dim=0) < iou_threshold
+    positive = (iou > iou_threshold) & candidate_valid[:, None, :]
+    keys = torch.rand_like(iou).masked_fill_(~positive, -1.0)
+    positive_index = keys.argmax(dim=2)  # (N, Q)
+    positives = candidates.gather(1, positive_index[..., None].expand(-1, -1, 4))
+
+    # Each candidate's largest IoU with the image's valid queries; an image without any valid query has no negative.
+    if num_slots:
+        max_iou = iou.masked_fill(~query_valid[:, :, None], -1.0).amax(dim=1)  # (N, C)
     else:
-        negative = torch.ones(len(candidates), dtype=torch.bool, device=candidates.device)
-    negatives = candidates[sample_indices(negative, max_negatives)]
-    return positives, negatives
+        max_iou = torch.zeros_like(candidate_valid, dtype=iou.dtype)
+    negative = candidate_valid & (max_iou < iou_threshold) & query_valid.any(dim=1, keepdim=True)
+    selected = sample_rows(negative, max_negatives)  # (N, C), at most max_negatives per row
+    # The selected candidates moved to the first slots of each row (n_i <= M of them), in candidate order.
+    num_negative_slots = min(max(max_negatives, 0), candidates.shape[1])
+    negative_valid, negative_index = torch.sort(selected.to(torch.uint8), dim=1, descending=True, stable=True)
+    negative_valid = negative_valid[:, :num_negative_slots].bool()
+    negative_index = negative_index[:, :num_negative_slots]
+    negatives = candidates.gather(1, negative_index[..., None].expand(-1, -1, 4))
+    negatives = negatives.masked_fill(~negative_valid[..., None], 0.0)
+    return positives, negatives, negative_valid
+
+
+def _batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of each pair of boxes within an image: (N, A, 4) x (N, B, 4) -> (N, A, B). The operations of
+    ``torchvision.ops.box_iou`` in the same order, so the same values image by image."""
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])  # (N, A)
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])  # (N, B)
+    lt = torch.max(boxes1[:, :, None, :2], boxes2[:, None, :, :2])  # (N, A, B, 2)
+    rb = torch.min(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area1[:, :, None] + area2[:, None, :] - inter
+    return inter / union
 
 
 def random_query_proposals(
@@ -240,30 +306,36 @@ class ContrastiveROIHeads(nn.Module):
         """``loss_info`` when the head has its similarity FC, ``loss_croi_reg`` when it has its regression.
 
         Both are means over the Qn valid queries of the batch (the formula's 1/Q, over all images together: our
-        choice). Only the sampled boxes are pooled (view-1): each query's positive and its image's negatives.
+        choice). Only the sampled boxes are pooled (view-1): each query's positive and its image's negatives (M slots
+        per image, whose unused ones hold empty boxes that enter no loss).
         """
-        valid_queries = queries[query_valid]  # (Qn, 4), view-1
-        positives, negatives, negative_images = [], [], []
+        num_images, num_slots = query_valid.shape
+        if len(proposals) != num_images:
+            raise ValueError(f"proposals for {len(proposals)} images, but queries for {num_images}")
+        # The valid slots in row-major order (the order of queries[query_valid] and of query_pooled); Qn is known on
+        # the host from query_pooled, so nonzero_static needs no synchronization (nor checks that Qn is right).
+        slots = torch.nonzero_static(query_valid.flatten(), size=len(query_pooled)).squeeze(1)  # (Qn,)
+        query_image = slots // num_slots  # (Qn,)
+        valid_queries = queries.flatten(0, 1).index_select(0, slots)  # (Qn, 4), view-1
         with torch.no_grad():
-            for i in range(len(queries)):
-                image_queries = queries[i, query_valid[i]]
-                if len(image_queries) == 0:
-                    continue  # no query, so no lookup: the image's proposals are not needed
-                pos, neg = sample_query_proposals(
-                    proposals[i].detach(),
-                    image_queries,
-                    iou_threshold=self.iou_threshold,
-                    max_negatives=self.negatives_per_image,
-                )
-                positives.append(pos)
-                negatives.append(neg)
-                negative_images.append(torch.full((len(neg),), i, dtype=torch.int64, device=neg.device))
-        query_image = torch.nonzero(query_valid)[:, 0]  # (Qn,)
-        num_negatives = [len(neg) for neg in negatives]
-        boxes = torch.cat([valid_queries.new_zeros(0, 4), *positives, *negatives])
-        batch_index = torch.cat([query_image, *negative_images])
-        box_features = self.head.box_features(self.pooler(features, boxes, batch_index))  # (Qn + sum n_i, 1024)
-        positive_features, negative_features = box_features[: len(query_image)], box_features[len(query_image) :]
+            padded, proposal_valid = pad_proposals([p.detach() for p in proposals], dtype=queries.dtype)
+            positives, negatives, negative_valid = sample_query_proposals(
+                padded,
+                proposal_valid,
+                queries.detach(),
+                query_valid,
+                iou_threshold=self.iou_threshold,
+                max_negatives=self.negatives_per_image,
+            )
+        positive_boxes = positives.flatten(0, 1).index_select(0, slots)  # (Qn, 4)
+        num_negative_slots = negatives.shape[1]  # M
+        # The padding slots of negatives hold empty boxes: pooled at almost no cost, masked out of the loss, so the
+        # losses and their gradients are those of the sampled boxes alone.
+        boxes = torch.cat((positive_boxes, negatives.flatten(0, 1)))
+        negative_image = torch.arange(num_images, device=slots.device).repeat_interleave(num_negative_slots)
+        batch_index = torch.cat((query_image, negative_image))
+        box_features = self.head.box_features(self.pooler(features, boxes, batch_index))  # (Qn + N * M, 1024)
+        positive_features, negative_features = box_features[: len(slots)], box_features[len(slots) :]
         query_features = self.head.box_features(query_pooled)  # b_q: (Qn, 1024)
 
         losses = {}
@@ -271,35 +343,41 @@ class ContrastiveROIHeads(nn.Module):
             losses["loss_info"] = self._info_loss(
                 self.head.embeddings(query_features),
                 self.head.embeddings(positive_features),
-                self.head.embeddings(negative_features).split(num_negatives),
-                query_image=query_image,
+                self.head.embeddings(negative_features).reshape(num_images, num_negative_slots, -1),
+                negative_valid,
+                query_valid=query_valid,
             )
         if self.head.reg_query is not None:
             pred_deltas = self.head.regression(positive_features, query_features)
-            positive_boxes = boxes[: len(query_image)]
             target_deltas = encode_boxes(positive_boxes, valid_queries, weights=self.bbox_reg_weights)
             # One term per query, summed over the 4 coordinates, averaged over the queries (§3.2.2).
             losses["loss_croi_reg"] = box_regression_loss(
-                pred_deltas, target_deltas, beta=self.smooth_l1_beta, normalizer=float(max(len(query_image), 1))
+                pred_deltas, target_deltas, beta=self.smooth_l1_beta, normalizer=float(max(len(slots), 1))
             )
         return losses
 
     def _info_loss(
-        self, query_embed: Tensor, positive_embed: Tensor, negative_embed: Sequence[Tensor], *, query_image: Tensor
+        self,
+        query_embed: Tensor,
+        positive_embed: Tensor,
+        negative_embed: Tensor,
+        negative_valid: Tensor,
+        *,
+        query_valid: Tensor,
     ) -> Tensor:
-        """InfoNCE over the padded negatives of each query's image."""
+        """InfoNCE of each valid query over its positive and its own image's negatives.
+
+        ``query_embed`` and ``positive_embed`` (Qn, E) follow the order of ``query_valid``'s (N, Q) True entries;
+        ``negative_embed`` (N, M, E) holds each image's negative slots and ``negative_valid`` (N, M) the real ones.
+        """
+        num_images, num_slots = query_valid.shape
+        slots = torch.nonzero_static(query_valid.flatten(), size=len(query_embed)).squeeze(1)  # (Qn,)
         positive_scores = (query_embed * positive_embed).sum(dim=1)  # s_{p+_q q}: (Qn,)
-        width = max((len(e) for e in negative_embed), default=0)
-        negative_scores = query_embed.new_zeros(len(query_embed), width)
-        negative_mask = torch.zeros(len(query_embed), width, dtype=torch.bool, device=query_embed.device)
-        images_with_queries = torch.unique_consecutive(query_image)
-        for image, embed in zip(images_with_queries.tolist(), negative_embed, strict=True):
-            rows = torch.nonzero(query_image == image).squeeze(1)
-            scores = query_embed[rows] @ embed.T  # (Qv, n_i)
-            negative_scores = negative_scores.index_put(
-                (rows[:, None], torch.arange(len(embed), device=embed.device)[None, :]), scores
-            )
-            negative_mask[rows, : len(embed)] = True
+        # Every query slot against its image's negative slots in one batched product, then the valid slots' rows.
+        padded = query_embed.new_zeros(num_images * num_slots, query_embed.shape[1]).index_copy(0, slots, query_embed)
+        scores = torch.bmm(padded.reshape(num_images, num_slots, -1), negative_embed.transpose(1, 2))  # (N, Q, M)
+        negative_scores = scores.flatten(0, 1).index_select(0, slots)  # (Qn, M)
+        negative_mask = negative_valid.index_select(0, slots // num_slots)  # (Qn, M)
         return info_nce_loss(
             positive_scores, negative_scores, negative_mask=negative_mask, temperature=self.temperature
         )

@@ -305,10 +305,13 @@ class PreDet(nn.Module):
         """L_cls (§3.1): the 1/k softmax cross-entropy of each level's logits, over both views and the labelled
         images, averaged over the levels ``config.cls_levels``. ``features`` hold view-1 of the B images, then
         view-2, and ``labels`` the B images' labels."""
-        # Each image's labels hold for both of its views.
-        both_views = torch.cat((labels, labels)) if isinstance(labels, Tensor) else [*labels, *labels]
+        # Each image's labels hold for both of its views, and for every level. Every level has the same labelled
+        # rows, so the mean over all levels' rows is the mean over levels of each level's mean: one loss call, one
+        # target matrix (built where the labels are: keep them on the CPU to spare the GPU any synchronization).
+        levels = len(self.config.cls_levels)
+        every_row = torch.cat([labels] * 2 * levels) if isinstance(labels, Tensor) else [*labels] * 2 * levels
         logits = self.cls_head([features[name] for name in self.config.cls_levels])
-        return torch.stack([multilabel_softmax_loss(level_logits, both_views) for level_logits in logits]).mean()
+        return multilabel_softmax_loss(torch.cat(logits), every_row)
 
     def random_proposals(self, queries1: Tensor, query_valid: Tensor, *, image_size: tuple[int, int]) -> list[Tensor]:
         """Random positives and negatives around each image's queries, in place of CRPN proposals (Tab. 1, §5.1)."""
