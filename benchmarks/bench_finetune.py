@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -46,12 +44,13 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
 import torchvision.transforms.v2 as T
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from machine_info import machine_lines  # noqa: E402  (benchmarks/machine_info.py, beside this script)
 
 import finetune  # noqa: E402  (the script under test, from the repository root)
 from detpretrain import engine  # noqa: E402
@@ -246,27 +245,6 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- driver
-def machine_lines(device: str) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    lines = [f"- machine: {cpu}, {os.cpu_count()} logical cores, {ram_gib:.0f} GiB RAM"]
-    if device == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name()}")
-    lines.append(
-        f"- versions: python {platform.python_version()}, torch {torch.__version__}, torchvision "
-        f"{torchvision.__version__}"
-    )
-    script = os.path.relpath(Path(sys.argv[0]).resolve(), REPO_ROOT)
-    lines.append(f"- command (from the repository root): `python {shlex.join([script, *sys.argv[1:]])}`")
-    lines.append(f"- load average when it started: {os.getloadavg()[0]:.1f} (figures are wall-clock)")
-    return lines
-
-
 def run_side(side: str, extra: list[str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], *extra, "--side", side]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -284,7 +262,10 @@ def main(args: argparse.Namespace) -> None:
         return
     if args.amp != "off" and args.device != "cuda":
         raise SystemExit("--amp bf16 is the GPU comparison: pass --device cuda (autocast is off on the CPU)")
-    header = machine_lines(args.device)
+    header = [
+        *machine_lines(args.device),
+        f"- load average when it started: {os.getloadavg()[0]:.1f} (figures are wall-clock)",
+    ]
     timing = [run_side("both", []) for _ in range(args.repeats)]
     # Peak memory: each side alone in its own process; the peak comes in the first steps.
     memory = {side: run_side(side, ["--warmup", "1", "--steps", "2"]) for side in ("reference", "finetune")}

@@ -44,11 +44,8 @@ import argparse
 import cProfile
 import io
 import os
-import platform
 import pstats
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,12 +57,13 @@ import PIL
 import timm
 import torch
 import torch.nn.functional as F
-import torchvision
 import torchvision.transforms.v2 as T
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # train_jigsaw.py lives at the repository root, beside this folder
+
+from machine_info import machine_lines  # noqa: E402  (benchmarks/machine_info.py, beside this script)
 
 import train_jigsaw  # noqa: E402
 from detpretrain import engine  # noqa: E402
@@ -125,28 +123,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------------- reporting
-def machine_lines(device: torch.device | None = None) -> list[str]:
-    """What the figures were measured on, for the markdown block."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    lines = [f"- machine: {cpu}, {os.cpu_count()} logical cores, {ram_gib:.0f} GiB RAM"]
-    if device is not None and device.type == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name(device)}")
-    lines.append(
-        f"- versions: python {platform.python_version()}, torch {torch.__version__}, torchvision "
-        f"{torchvision.__version__}, timm {timm.__version__}, Pillow {PIL.__version__}, numpy {np.__version__}"
-    )
-    script = os.path.relpath(Path(sys.argv[0]).resolve(), REPO_ROOT)
-    lines.append(f"- command (from the repository root): `python {shlex.join([script, *sys.argv[1:]])}`")
-    lines.append(f"- torch threads: {torch.get_num_threads()}")
-    return lines
-
-
 def load_text() -> str:
     return "/".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -294,6 +270,7 @@ def run_data(args: argparse.Namespace) -> None:
         "### Jigsaw data loading: assembled images/s per data-loader worker",
         "",
         *machine_lines(),
+        f"- torch threads: {torch.get_num_threads()}",
         f"- data: {args.train_images} ({len(photos)} photos, median {photo_sizes.prod(1).median() / 1e6:.2f} MP); "
         f"{len(samples)} samples extracted once in {extract_s:.1f} s (untimed; {stats['num_positives']} positives, "
         f"{stats['num_negatives']} negatives; median sample {picked_sizes.prod(1).median() / 1e3:.1f} kpx, "
@@ -518,7 +495,8 @@ def run_step(args: argparse.Namespace) -> None:
         f"### Jigsaw train step vs plain timm classification: {args.model}, batch {args.batch_size}, "
         f"{height}x{width}, {device.type}",
         "",
-        *machine_lines(device),
+        *machine_lines(device.type),
+        f"- torch threads: {torch.get_num_threads()}",
         f"- setup: {args.num_classes} classes, SGD momentum {recipe.momentum} wd {recipe.weight_decay}, "
         f"AMP {args.amp if device.type == 'cuda' else 'off (CPU)'}, {memory_format}; random uint8 batches on "
         f"{device.type}, normalized on the device on both sides; {args.warmup_steps} warmup steps excluded, "

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +32,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from machine_info import machine_lines  # noqa: E402  (benchmarks/machine_info.py, beside this script)
 
 from detpretrain import engine  # noqa: E402
 from detpretrain.data.labelled_images import LabelledImageDataset, from_coco  # noqa: E402
@@ -62,23 +61,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--images", type=int, default=64, help="edgeboxes: images to time")
     return parser
-
-
-def machine_lines(device: str) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    lines = [f"- machine: {cpu}, {os.cpu_count()} logical cores"]
-    if device == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name()}")
-    lines.append(f"- versions: python {platform.python_version()}, torch {torch.__version__}")
-    script = os.path.relpath(Path(sys.argv[0]).resolve(), REPO_ROOT)
-    lines.append(f"- command (from the repository root): `python {shlex.join([script, *sys.argv[1:]])}`")
-    lines.append(f"- load average when it started: {os.getloadavg()[0]:.1f}")
-    return lines
 
 
 # -------------------------------------------------------------------------------------------------------- step
@@ -171,6 +153,7 @@ def bench_step(args: argparse.Namespace) -> None:
                 f"### PreDet step: all losses vs classification only ({args.device})",
                 "",
                 *machine_lines(args.device),
+                f"- load average at the end: {os.getloadavg()[0]:.1f}",
                 f"- setup: {args.model} + FPN (256), {args.batch_size} views of {args.view_size} px "
                 f"({batch.num_images} coco128 images, {queries} queries), SGD{amp}; {args.warmup} warmup + "
                 f"{args.steps} timed steps per side, alternating; {torch.get_num_threads()} torch threads",
@@ -201,6 +184,7 @@ def bench_edgeboxes(args: argparse.Namespace) -> None:
                 "### EdgeBoxes images per core (480 px, decoding included)",
                 "",
                 *machine_lines("cpu"),
+                f"- load average at the end: {os.getloadavg()[0]:.1f}",
                 f"- setup: {len(paths)} coco128 photos, one process (num_workers=0), settings {settings.record()}",
                 "",
                 f"- images per CPU-second: {len(paths) / cpu:.1f} (target >= 10); wall: {len(paths) / wall:.1f} "
