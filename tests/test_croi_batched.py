@@ -5,8 +5,8 @@ import pytest
 import torch
 from torchvision.ops import box_iou, roi_align
 
-from detpretrain.boxes import fpn_levels, sample_indices
-from detpretrain.predet.croi import FPNRoIAlign, _batched_box_iou, pad_proposals, sample_query_proposals
+from detpretrain.boxes import batched_box_iou, fpn_levels, sample_indices
+from detpretrain.predet.croi import FPNRoIAlign, pad_proposals, sample_query_proposals
 
 
 def reference_sample(proposals, queries, *, iou_threshold, max_negatives):
@@ -59,7 +59,7 @@ def rows_in(boxes, candidates):
 def test_batched_iou_equals_torchvisions_image_by_image():
     proposals, queries, _ = make_images()
     padded, _ = pad_proposals(proposals, dtype=queries.dtype)
-    iou = _batched_box_iou(queries, padded)
+    iou = batched_box_iou(queries, padded)
     for i, boxes in enumerate(proposals):
         valid = (queries[i, :, 2:] > queries[i, :, :2]).all(dim=1)
         assert torch.equal(iou[i, valid, : len(boxes)], box_iou(queries[i, valid], boxes))

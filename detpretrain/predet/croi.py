@@ -46,7 +46,14 @@ from torch.nn.utils.rnn import pad_sequence
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import roi_align
 
-from detpretrain.boxes import encode_boxes, fpn_levels, jitter_boxes, random_boxes_away_from, sample_rows
+from detpretrain.boxes import (
+    batched_box_iou,
+    encode_boxes,
+    fpn_levels,
+    jitter_boxes,
+    random_boxes_away_from,
+    sample_rows,
+)
 from detpretrain.losses import box_regression_loss, info_nce_loss
 
 __all__ = [
@@ -211,7 +218,7 @@ def sample_query_proposals(
     num_images, num_slots = query_valid.shape
     candidates = torch.cat((proposals.to(queries.dtype), queries), dim=1)  # (N, C, 4)
     candidate_valid = torch.cat((proposal_valid, query_valid), dim=1)  # (N, C)
-    iou = _batched_box_iou(queries, candidates)  # (N, Q, C)
+    iou = batched_box_iou(queries, candidates)  # (N, Q, C)
     # A uniform choice among the positives: the largest of independent uniform keys, restricted to them.
     positive = (iou > iou_threshold) & candidate_valid[:, None, :]
     keys = torch.rand_like(iou).masked_fill_(~positive, -1.0)
@@ -233,19 +240,6 @@ def sample_query_proposals(
     negatives = candidates.gather(1, negative_index[..., None].expand(-1, -1, 4))
     negatives = negatives.masked_fill(~negative_valid[..., None], 0.0)
     return positives, negatives, negative_valid
-
-
-def _batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of each pair of boxes within an image: (N, A, 4) x (N, B, 4) -> (N, A, B). The operations of
-    ``torchvision.ops.box_iou`` in the same order, so the same values image by image."""
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])  # (N, A)
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])  # (N, B)
-    lt = torch.max(boxes1[:, :, None, :2], boxes2[:, None, :, :2])  # (N, A, B, 2)
-    rb = torch.min(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area1[:, :, None] + area2[:, None, :] - inter
-    return inter / union
 
 
 def random_query_proposals(
