@@ -49,7 +49,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 import detpretrain
 from detpretrain import engine
@@ -237,15 +236,11 @@ def prepare_images(args: argparse.Namespace, dist_info: engine.DistInfo) -> Labe
     return images
 
 
-def edge_boxes_settings(args: argparse.Namespace) -> EdgeBoxesSettings:
-    return EdgeBoxesSettings(edge_model=args.edge_model)
-
-
 def prepare_proposals(args, images: LabelledImages, dist_info: engine.DistInfo) -> ProposalCache:
     """The dataset's EdgeBoxes cache: computed once on rank 0 (in parallel workers), or reused when it was made
     for the same images with the same settings."""
     path = args.proposals or args.output_dir / PROPOSALS_NAME
-    settings = edge_boxes_settings(args)
+    settings = EdgeBoxesSettings(edge_model=args.edge_model)
     if dist_info.is_main:
         if path.is_file():
             cache = ProposalCache(path)
@@ -452,7 +447,10 @@ def main(args: argparse.Namespace) -> Path:
     # --------------------------------------------------------------------------------------------------- export
     export_dir = args.output_dir / "export"
     if dist_info.is_main:
+        # Written by save_pretrained beside the backbone, atomically like it: fpn.safetensors, heads.safetensors.
         extra = {} if args.no_export_fpn else {"fpn": model.fpn.fpn.state_dict()}
+        if args.export_heads:
+            extra["heads"] = {k: v for k, v in model.state_dict().items() if not k.startswith("fpn.")}
         card = model_card_fields(
             args, model, images, proposals, losses=losses, global_batch=global_batch, peak_lr=peak_lr
         )
@@ -468,9 +466,6 @@ def main(args: argparse.Namespace) -> Path:
             extra_state_dicts=extra,
             **card,
         )
-        if args.export_heads:
-            heads = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("fpn.")}
-            save_file(heads, export_dir / "heads.safetensors", metadata={"format": "pt", "part": "heads"})
         print(f"exported the backbone{'' if args.no_export_fpn else ' and FPN'} to {export_dir}")
     if dist_info.distributed:
         dist.barrier()
