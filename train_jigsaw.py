@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 import detpretrain
 from detpretrain import engine
+from detpretrain.data.detection import DatasetError
 from detpretrain.data.synthetic import synthetic_coco
 from detpretrain.jigsaw import (
     FIT_MODES,
@@ -57,6 +58,7 @@ from detpretrain.jigsaw import (
     render_jigsaw,
     sample_jigsaw,
     seeded_generator,
+    voc_image_records,
 )
 from detpretrain.losses import erf_adaptive_dense_loss, jigsaw_blockwise_loss, jigsaw_global_loss
 from detpretrain.zoo import JIGSAW_PAPER
@@ -127,19 +129,26 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------------------------ data
 def load_records(args: argparse.Namespace):
-    """The detection dataset as jigsaw ImageRecords, and a description of it for the model card."""
-    if args.format == "voc":
-        from detpretrain.data.voc import voc_image_records
+    """The detection dataset as jigsaw ImageRecords, and a description of it for the model card.
 
-        if args.voc_root is None:
-            raise SystemExit("--format voc needs --voc-root VOCdevkit")
-        return voc_image_records(args.voc_root, args.train_sets), f"PASCAL VOC {args.train_sets} ({args.voc_root})"
-    if (args.train_images is None) != (args.train_ann is None):
-        raise SystemExit("pass both --train-images DIR and --train-ann FILE, or neither for the embedded default")
-    if args.train_ann is None:
-        default = synthetic_coco()
-        return coco_image_records(default.train_ann, default.train_images), "the embedded default (synthetic COCO)"
-    return coco_image_records(args.train_ann, args.train_images), f"COCO-format {args.train_ann}"
+    The files are read by the datasets finetune.py uses (``detpretrain.data``: one validation and cleaning policy);
+    a file they cannot use stops the run with their message, as in finetune.py.
+    """
+    try:
+        if args.format == "voc":
+            if args.voc_root is None:
+                raise SystemExit("--format voc needs --voc-root VOCdevkit")
+            records = voc_image_records(args.voc_root, args.train_sets)
+            return records, f"PASCAL VOC {args.train_sets} ({args.voc_root})"
+        if (args.train_images is None) != (args.train_ann is None):
+            raise SystemExit("pass both --train-images DIR and --train-ann FILE, or neither for the embedded default")
+        if args.train_ann is None:
+            default = synthetic_coco()
+            records = coco_image_records(default.train_ann, default.train_images)
+            return records, "the embedded default (synthetic COCO)"
+        return coco_image_records(args.train_ann, args.train_images), f"COCO-format {args.train_ann}"
+    except DatasetError as err:
+        raise SystemExit(str(err)) from None
 
 
 def prepare_samples(args: argparse.Namespace, dist_info: engine.DistInfo) -> tuple[JigsawSampleFile, str]:
@@ -153,6 +162,13 @@ def prepare_samples(args: argparse.Namespace, dist_info: engine.DistInfo) -> tup
     }
     if dist_info.is_main:
         records, description = load_records(args)
+        if records.cleaning_report is not None:
+            # What loading clipped, dropped and kept, as finetune.py's datasets count it (also in the sample file).
+            print(
+                f"loaded {len(records.records)} images from {description}; cleaning: "
+                f"{json.dumps(records.cleaning_report)}",
+                flush=True,
+            )
         file_names = [r.file_name for r in records.records]
         if path.is_file():
             header = JigsawSampleFile(path).header
@@ -167,6 +183,7 @@ def prepare_samples(args: argparse.Namespace, dist_info: engine.DistInfo) -> tup
                 records.records,
                 class_names=records.class_names,
                 category_ids=records.category_ids,
+                cleaning_report=records.cleaning_report,
                 output_path=path,
                 num_workers=args.extract_workers,
                 progress=not args.quiet,

@@ -106,7 +106,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--fpn-channels", type=int, default=256, help="FPN width (detectron2 default: 256)")
     model.add_argument(
         "--predet-config",
-        nargs="*",
+        nargs="+",
+        action="extend",  # repeated flags add up
         default=[],
         metavar="KEY=VALUE",
         help="override PreDetConfig fields, e.g. temperature=0.1 crpn_post_nms_topk=500 (values as JSON)",
@@ -497,8 +498,14 @@ def model_card_fields(args, model: PreDet, images, proposals, *, losses, global_
         "classes": f"{images.num_classes} image-level classes; L_cls is the softmax cross-entropy against the k-hot "
         "target normalized to 1/k (Mahajan et al., the paper's [34]), on every FPN level (a shared GAP + linear head), "
         "averaged over levels and over both views",
-        "views": f"two MoCo-v2 views at {args.view_size}x{args.view_size} (§4.1: 480) in one backbone batch; queries "
-        "pooled from view-2, anchors, proposals and every target in view-1; no momentum encoder, no queue",
+        "views": f"two MoCo-v2 views at {args.view_size}x{args.view_size} (§4.1: 480) in one backbone batch; "
+        + (
+            "symmetric (our option, not the paper's): queries pooled from each view, anchors, proposals and targets "
+            "in the other, the detection losses averaged over both directions"
+            if model.config.symmetric_views
+            else "queries pooled from view-2, anchors, proposals and every target in view-1"
+        )
+        + "; no momentum encoder, no queue",
         "queries": f"{args.num_queries} per image per step (§4.1: 16) drawn from the EdgeBoxes cache, kept when at "
         "least half is visible in both views, NMS 0.5 in view-1",
         "schedule": f"{args.iters} steps, global batch {global_batch} views, lr {peak_lr:g} (0.2 at 1024 views, "
@@ -535,7 +542,7 @@ def _config_field_used(name: str, losses: tuple[str, ...]) -> bool:
         return "crpn" not in losses and bool({"info", "croi_reg"} & set(losses))
     if name in ("temperature",):
         return "info" in losses
-    if name.startswith(("croi_", "box_head", "pooler_")) or name == "scale_dot_products":
+    if name.startswith(("croi_", "box_head", "pooler_")) or name in ("scale_dot_products", "symmetric_views"):
         return bool(QUERY_LOSSES & set(losses))
     return True
 

@@ -2,7 +2,9 @@
 
 Zhou et al., "Cheaper Pre-training Lunch: An Efficient Paradigm for Object Detection" (``papers/montage_jigsaw.txt``).
 
-- §3.1 sample extraction: ``ImageRecord``, ``coco_image_records``, ``plan_positive_samples``,
+- §3.1 sample extraction: ``ImageRecord`` and ``DetectionRecords``, ``coco_image_records`` and
+  ``voc_image_records`` (read by the fine-tuning datasets of ``detpretrain.data``, so pre-training and fine-tuning
+  share one parser, one cleaning policy and one label order), ``plan_positive_samples``,
   ``plan_negative_samples``, ``plan_samples``, ``extract_samples`` (writes one sample file), ``JigsawSampleFile``
   (reads it back, one sample per index).
 - §3.2 Jigsaw assembly: ``sample_group``, ``JigsawTemplate`` and its presets ``JIGSAW_TEMPLATES``,
@@ -55,6 +57,10 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+from detpretrain.data.coco import CocoDataset
+from detpretrain.data.detection import DetectionDataset
+from detpretrain.data.voc import VocDataset
+
 __all__ = [
     "BACKGROUND_LABEL",
     "FIT_MODES",
@@ -76,6 +82,7 @@ __all__ = [
     "SamplePlan",
     "assemble_jigsaw",
     "coco_image_records",
+    "dataset_records",
     "compute_erf",
     "erf_label_weights",
     "erf_region_shares",
@@ -92,6 +99,7 @@ __all__ = [
     "sample_group",
     "sample_jigsaw",
     "seeded_generator",
+    "voc_image_records",
 ]
 
 BACKGROUND_LABEL = 0
@@ -167,67 +175,65 @@ class ImageRecord:
 
 
 class DetectionRecords(NamedTuple):
-    """A dataset as records: class_names[0] is "background"; label i >= 1 is class_names[i]."""
+    """A dataset as records: class_names[0] is "background"; label i >= 1 is class_names[i].
+
+    ``cleaning_report`` is the reader's count of what loading clipped, dropped or kept (the ``cleaning_report`` of
+    ``detpretrain.data.detection``, keys of ``detpretrain.data.coco.CLEANING_KEYS`` for COCO); None when the reader
+    gives none.
+    """
 
     records: list[ImageRecord]
     class_names: list[str]
     category_ids: list[int] | None  # the source's id of label i is category_ids[i - 1] (COCO); None for VOC
+    cleaning_report: dict[str, int] | None = None
 
 
-def coco_image_records(ann_file: str | Path, image_dir: str | Path, *, edge_tolerance: float = 1.0) -> DetectionRecords:
-    """Read a COCO-format instances json into ImageRecords (labels 1..C in the order of sorted category ids).
+def coco_image_records(ann_file: str | Path, image_dir: str | Path) -> DetectionRecords:
+    """A COCO-format instances json and its image folder as ImageRecords: ``CocoDataset`` read as records.
 
-    Boxes that overshoot the image by at most ``edge_tolerance`` pixels (float rounding in COCO exports) are
-    clipped; anything further outside, an unknown category id or a negative box size is an error naming the
-    annotation and what to do.
+    One parser and one validation policy for pre-training and fine-tuning (``detpretrain.data.coco``): labels are
+    1..C in the order of the sorted category ids; boxes sticking out of the image are clipped to it, boxes of
+    non-positive size or with nothing inside the image are dropped, each counted in ``cleaning_report``; an unknown
+    category id, a malformed file or a missing image file is a ``DatasetError`` (a ValueError) naming the file and
+    what to do. Crowd annotations are kept, flagged in ``gt_crowd``: no positive sample is cut from them and
+    negatives stay off them (``plan_positive_samples``, ``plan_negative_samples``).
     """
-    ann_file, image_dir = Path(ann_file), Path(image_dir)
-    with open(ann_file) as f:
-        data = json.load(f)
-    categories = sorted(data["categories"], key=lambda c: c["id"])
-    label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
-    per_image: dict[int, list[dict]] = {image["id"]: [] for image in data["images"]}
-    for ann in data["annotations"]:
-        if ann["category_id"] not in label_of:
-            raise ValueError(
-                f"{ann_file}: annotation {ann['id']} has category_id {ann['category_id']}, which is not in "
-                "'categories'; add the category or remove the annotation"
-            )
-        if ann["image_id"] not in per_image:
-            raise ValueError(f"{ann_file}: annotation {ann['id']} refers to unknown image_id {ann['image_id']}")
-        per_image[ann["image_id"]].append(ann)
-    records = []
-    for image in data["images"]:
-        width, height = int(image["width"]), int(image["height"])
-        anns = per_image[image["id"]]
-        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4)
-        boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
-        limits = torch.tensor([width, height, width, height], dtype=torch.float64)
-        overshoot = torch.maximum(-boxes, boxes - limits).amax(dim=1) if len(anns) else torch.zeros(0)
-        for k in (overshoot > edge_tolerance).nonzero().flatten().tolist():
-            raise ValueError(
-                f"{ann_file}: annotation {anns[k]['id']} of {image['file_name']} has bbox {anns[k]['bbox']} (xywh) "
-                f"outside the {width}x{height} image; fix the annotation or the image size"
-            )
-        if len(anns) and (xywh[:, 2:] < 0).any():
-            k = int((xywh[:, 2:] < 0).any(1).nonzero()[0])
-            raise ValueError(f"{ann_file}: annotation {anns[k]['id']} has a negative bbox size {anns[k]['bbox']}")
-        boxes = torch.minimum(boxes.clamp_min(0), limits)
-        records.append(
-            ImageRecord(
-                image_id=int(image["id"]),
-                file_name=str(image_dir / image["file_name"]),
-                width=width,
-                height=height,
-                gt_boxes=boxes.float(),
-                gt_labels=torch.tensor([label_of[a["category_id"]] for a in anns], dtype=torch.int64),
-                gt_crowd=torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool),
-            )
+    dataset = CocoDataset(ann_file, image_dir, include_crowd=True)
+    return dataset_records(dataset, category_ids=[int(c.id) for c in dataset.categories])
+
+
+def voc_image_records(
+    voc_root: str | Path, image_sets: str | Sequence[str | tuple[int, str]] = "2007-trainval,2012-trainval"
+) -> DetectionRecords:
+    """PASCAL VOC image sets of a VOCdevkit folder as ImageRecords (``--format voc``): ``VocDataset`` read as records.
+
+    ``difficult`` objects become crowd-like records (``gt_crowd`` true): Jigsaw never cuts a positive sample from
+    them, and its negatives stay off them, as they do off COCO's crowd regions. Ids follow
+    ``detpretrain.data.voc.voc_image_id``.
+    """
+    return dataset_records(VocDataset(voc_root, image_sets, include_difficult=True), category_ids=None)
+
+
+def dataset_records(dataset: DetectionDataset, *, category_ids: list[int] | None) -> DetectionRecords:
+    """A fine-tuning dataset's entries as Jigsaw's records, with its labels, ``flags`` as ``gt_crowd`` (COCO's crowd,
+    VOC's difficult) and its cleaning report."""
+    records = [
+        ImageRecord(
+            image_id=entry.image_id,
+            file_name=entry.path,
+            width=entry.width,
+            height=entry.height,
+            gt_boxes=torch.from_numpy(entry.boxes).reshape(-1, 4),
+            gt_labels=torch.from_numpy(entry.labels),
+            gt_crowd=torch.from_numpy(entry.flags),
         )
+        for entry in dataset.entries()
+    ]
     return DetectionRecords(
         records=records,
-        class_names=["background"] + [c["name"] for c in categories],
-        category_ids=[c["id"] for c in categories],
+        class_names=dataset.class_names,
+        category_ids=category_ids,
+        cleaning_report=dict(dataset.cleaning_report),
     )
 
 
@@ -405,7 +411,8 @@ def plan_samples(
 #
 # Layout (little-endian), one file per dataset:
 #   MAGIC (8 bytes) | header length (uint64) | header (UTF-8 JSON) | index (S records of _INDEX_DTYPE) | JPEG bytes
-# The header holds the format version, the extraction parameters, class names, source images and statistics.
+# The header holds the format version, the extraction parameters, class names, source images, statistics and the
+# reader's cleaning report.
 # Index offsets count from the first JPEG byte. Crops are JPEG-encoded at native resolution.
 
 SAMPLE_FILE_VERSION = 1
@@ -459,6 +466,7 @@ def extract_samples(
     jpeg_quality: int = 95,
     num_workers: int = 0,
     category_ids: Sequence[int] | None = None,
+    cleaning_report: dict[str, int] | None = None,
     progress: bool = False,
 ) -> dict[str, int]:
     """Extract the positive and negative samples of a dataset (§3.1) into one sample file; returns the stats.
@@ -467,6 +475,7 @@ def extract_samples(
     ``num_workers`` processes (0: in this process). The file is identical for any worker count. It is written to a
     temporary name beside ``output_path`` and renamed into place, so a reader never sees half a file.
     ``jpeg_quality`` 95 is our choice (crops are stored at native resolution, the paper stores "samples").
+    ``category_ids`` and ``cleaning_report`` (``DetectionRecords``'s) are recorded in the header as they are.
     """
     if class_names[0] != "background":
         raise ValueError(f"class_names[0] must be 'background' (label {BACKGROUND_LABEL}), got {class_names[0]!r}")
@@ -508,6 +517,7 @@ def extract_samples(
             "stats": plan.stats,
             "class_names": list(class_names),
             "category_ids": list(category_ids) if category_ids is not None else None,
+            "cleaning_report": dict(cleaning_report) if cleaning_report is not None else None,
             "images": {
                 "file_names": [r.file_name for r in records],
                 "image_ids": [r.image_id for r in records],

@@ -39,7 +39,8 @@ from detpretrain.data.transforms import (
     shortest_edge_size,
     train_transforms,
 )
-from detpretrain.data.voc import VOC_CLASSES, VocDataset, parse_image_sets, voc_image_id, voc_image_records
+from detpretrain.data.voc import VOC_CLASSES, VocDataset, parse_image_sets, voc_image_id
+from detpretrain.jigsaw import voc_image_records
 from tests.conftest import shared_path
 
 # pycocotools 2.0.11 decodes masks through a call that numpy 2 deprecates: its warning, not ours.
@@ -356,7 +357,7 @@ def test_voc_malformed_xml_unknown_class_and_missing_image_fail_naming_the_file(
     with pytest.raises(DatasetError, match=r"000017\.xml: class 'unicorn' is not one of the 20 classes"):
         VocDataset(voc_root, "2007-trainval")
     xml.write_text(text.replace("<xmin>10</xmin>", "<xmin>ten</xmin>"))
-    with pytest.raises(DatasetError, match=r"000017\.xml: object 1 <xmin> is 'ten', not a number"):
+    with pytest.raises(DatasetError, match=r"000017\.xml: object 1 \(person\) <xmin> is 'ten', not a number"):
         VocDataset(voc_root, "2007-trainval")
     xml.write_text(text)
     (voc_root / "VOC2012" / "JPEGImages" / "2008_000008.jpg").unlink()

@@ -93,6 +93,7 @@ def write_coco(tmp_path, *, bbox, category_id=1, size=(64, 48)):
         "annotations": [{"id": 3, "image_id": 7, "category_id": category_id, "bbox": bbox, "iscrowd": 0}],
         "categories": [{"id": 1, "name": "thing"}],
     }
+    Image.new("RGB", size).save(tmp_path / "a.jpg")  # the reader checks that every image file exists
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(data))
     return path
@@ -109,6 +110,7 @@ def test_coco_records_read_the_real_annotations(coco, coco128):
     assert sum(int(r.gt_crowd.sum()) for r in coco.records) == 10
     assert coco.class_names[0] == "background" and len(coco.class_names) == 81
     assert coco.category_ids[:3] == [1, 2, 3] and coco.category_ids[-1] == 90
+    assert coco.cleaning_report["kept"] == 939 and coco.cleaning_report["crowd_excluded"] == 0
     data = json.loads((coco128 / "annotations" / "instances_train2017.json").read_text())
     ann = next(a for a in data["annotations"] if a["image_id"] == 9)
     record = next(r for r in coco.records if r.image_id == 9)
@@ -120,18 +122,39 @@ def test_coco_records_read_the_real_annotations(coco, coco128):
     assert record.file_name.endswith("images/000000000009.jpg")
 
 
-def test_coco_reader_rejects_a_box_outside_the_image(tmp_path):
-    with pytest.raises(ValueError, match=r"annotation 3 of a\.jpg .*outside the 64x48 image"):
-        coco_image_records(write_coco(tmp_path, bbox=[10, 10, 60, 20]), tmp_path)
+@pytest.mark.parametrize(
+    ("bbox", "kept", "counted"),
+    [
+        ([10, 10, 54.5, 20], [[10.0, 10.0, 64.0, 30.0]], "clipped_to_image"),  # rounding overshoot
+        ([10, 10, 60, 20], [[10.0, 10.0, 64.0, 30.0]], "clipped_to_image"),  # far out, but overlapping the image
+        ([70, 10, 5, 5], [], "dropped_outside_image"),  # nothing of it inside the 64x48 image
+        ([10, 10, 0, 5], [], "dropped_nonpositive_size"),
+    ],
+)
+def test_coco_reader_cleans_boxes_as_the_coco_dataset_does(tmp_path, bbox, kept, counted):
+    # One policy with CocoDataset (detpretrain.data.coco): clip what overlaps the image, drop the rest, count both.
+    coco = coco_image_records(write_coco(tmp_path, bbox=bbox), tmp_path)
+    (record,) = coco.records
+    assert record.gt_boxes.tolist() == kept and record.gt_labels.tolist() == [1] * len(kept)
+    report = coco.cleaning_report
+    assert report[counted] == 1 and report["annotations"] == 1 and report["kept"] == len(kept)
+    others = {"clipped_to_image", "dropped_outside_image", "dropped_nonpositive_size"} - {counted}
+    assert all(report[key] == 0 for key in others)
+    assert report["images_without_annotations"] == (not kept)
 
 
-def test_coco_reader_clips_rounding_overshoot(tmp_path):
-    records = coco_image_records(write_coco(tmp_path, bbox=[10, 10, 54.5, 20]), tmp_path).records
-    assert records[0].gt_boxes.tolist() == [[10.0, 10.0, 64.0, 30.0]]
+def test_coco_reader_keeps_crowd_regions_flagged(tmp_path):
+    path = write_coco(tmp_path, bbox=[1, 1, 5, 5])
+    data = json.loads(path.read_text())
+    data["annotations"].append({"id": 4, "image_id": 7, "category_id": 1, "bbox": [20, 20, 10, 10], "iscrowd": 1})
+    path.write_text(json.dumps(data))
+    coco = coco_image_records(path, tmp_path)
+    assert coco.records[0].gt_crowd.tolist() == [False, True]
+    assert coco.cleaning_report["crowd_excluded"] == 0 and coco.cleaning_report["kept"] == 2
 
 
 def test_coco_reader_rejects_an_unknown_category(tmp_path):
-    with pytest.raises(ValueError, match=r"annotation 3 has category_id 5, which is not in 'categories'"):
+    with pytest.raises(ValueError, match=r"ann\.json: annotation 3 has category_id 5, which 'categories' does not"):
         coco_image_records(write_coco(tmp_path, bbox=[1, 1, 5, 5], category_id=5), tmp_path)
 
 

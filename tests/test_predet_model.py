@@ -554,12 +554,63 @@ def test_queries_are_pooled_from_view2_at_their_view2_boxes_and_proposals_from_v
         model(**batch, query_valid=valid)
         view1_p2 = model.fpn(batch["images"][:2])["0"]
         view2_p2 = model.fpn(batch["images"][2:])["0"]
-    (query_maps, query_boxes, query_image), (box_maps, _, box_image) = calls
-    torch.testing.assert_close(query_maps[0], view2_p2)
+    (query_maps, query_boxes, query_rows), (box_maps, _, box_image) = calls
+    # The queries are pooled from the backbone batch (view-1s, then view-2s) at rows 2 and 3: the view-2s.
+    torch.testing.assert_close(query_maps[0][2:], view2_p2)
     torch.testing.assert_close(query_boxes, batch["queries2"][valid])
-    assert query_image.tolist() == [0, 0, 1, 1, 1]
+    assert query_rows.tolist() == [2, 2, 3, 3, 3]
     torch.testing.assert_close(box_maps[0], view1_p2)
     assert box_image[:5].tolist() == [0, 0, 1, 1, 1]  # the queries' positives first, then the negatives
+
+
+def test_symmetric_views_add_the_other_direction_view1_queries_matched_in_view2():
+    model = make_model(("crpn", "info"), symmetric_views=True).eval()
+    batch = make_batch(size=64, num_queries=3)
+    valid = torch.tensor([[True, False, True], [True, True, True]])
+    calls = []
+    model.pooler.register_forward_hook(lambda module, args, output: calls.append(args))
+    with torch.no_grad():
+        model(**batch, query_valid=valid)
+        every_p2 = model.fpn(batch["images"])["0"]
+    (query_maps, query_boxes, query_rows), (box_maps, box_boxes, box_image) = calls
+    # Direction 1 (images 0, 1): pooled from the view-2s at their view-2 boxes; direction 2 ("images" 2, 3): pooled
+    # from the view-1s at their view-1 boxes.
+    torch.testing.assert_close(query_maps[0], every_p2)
+    torch.testing.assert_close(query_boxes, torch.cat([batch["queries2"][valid], batch["queries1"][valid]]))
+    assert query_rows.tolist() == [2, 2, 3, 3, 3, 0, 0, 1, 1, 1]
+    # The CROI head compares boxes in view-1 for direction 1 and in view-2 for direction 2; the positives come first,
+    # one per query, each with IoU > 0.5 to its query box in the target view.
+    torch.testing.assert_close(box_maps[0], every_p2)
+    assert box_image[:10].tolist() == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    targets = torch.cat([batch["queries1"][valid], batch["queries2"][valid]])
+    assert (box_iou(box_boxes[:10], targets).diagonal() > 0.5).all()
+
+
+def test_symmetric_views_loss_is_the_mean_of_both_directions():
+    """With the randomness removed (every anchor overlaps a query, so none is matched at random, and the sampling caps
+    exceed the anchors, so all are taken), L_crpn with symmetric views is exactly the mean of the default model's
+    L_crpn on (view-1, view-2) and on the views swapped."""
+    caps = dict(crpn_positives_per_image=10_000, crpn_negatives_per_image=10_000)
+    default = make_model(("crpn",), **caps).eval()
+    symmetric = make_model(("crpn",), symmetric_views=True, **caps).eval()
+    symmetric.load_state_dict(default.state_dict())
+    batch = make_batch(size=64, num_queries=3)
+    whole_view = torch.tensor([0.0, 0.0, 64.0, 64.0])
+    batch["queries1"][:, 0] = whole_view
+    batch["queries2"][:, 0] = whole_view
+    valid = torch.tensor([[True, False, True], [True, True, True]])
+    swapped = dict(
+        images=torch.cat([batch["images"][2:], batch["images"][:2]]),
+        queries1=batch["queries2"],
+        queries2=batch["queries1"],
+    )
+    with torch.no_grad():
+        forward, backward = default(**batch, query_valid=valid), default(**swapped, query_valid=valid)
+        both = symmetric(**batch, query_valid=valid)
+    assert set(both) == {"loss_crpn_cls", "loss_crpn_reg"}
+    for name, value in both.items():
+        assert not torch.isclose(forward[name], backward[name]), name  # the two directions differ
+        torch.testing.assert_close(value, (forward[name] + backward[name]) / 2, rtol=1e-5, atol=1e-6)
 
 
 TABLE_1_ROWS = [

@@ -12,6 +12,7 @@ import torch
 
 import train_jigsaw
 from detpretrain import engine
+from detpretrain.jigsaw import JigsawSampleFile
 from tests.conftest import REPO_ROOT
 
 TINY = ["--model", "test_resnet", "--template", "tiny96", "--device", "cpu", "--num-workers", "0", "--quiet"]
@@ -64,6 +65,8 @@ def test_coco128_loss_falls_and_export_loads_strictly_into_timm(tmp_path, coco12
     assert {"assembled_00.png", "assembled_01.png", "erf_top_left_step0.png", "erf_top_left_final.png"} <= names
     header = json.loads((export.parent / "args.json").read_text())
     assert header["template"] == "tiny96"
+    cleaning = JigsawSampleFile(export.parent / "samples.jigsaw").header["cleaning_report"]
+    assert cleaning["images"] == 128 and cleaning["kept"] == 939  # CocoDataset's report, crowd regions kept
 
 
 class Crash(RuntimeError):

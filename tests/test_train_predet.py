@@ -3,6 +3,7 @@ finetune.py's detector, resume is exact, DDP runs, and bad input (no OpenCV, emp
 its message."""
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -159,6 +160,21 @@ def test_table1_ablations_train(tmp_path, losses, coco128, coco128_proposals):
     assert {k for k in rows[0] if k.startswith("loss_")} == expected
     if losses == "cls":
         assert not (export.parent / "proposals.edgeboxes").exists()
+
+
+def test_symmetric_views_train_and_are_recorded(tmp_path, coco128, coco128_proposals):
+    """PAPER_NOTES.md's optional variant: each view takes each role. The flag adds to TINY's --predet-config."""
+    export = run(
+        tmp_path,
+        *coco128_flags(coco128),
+        *["--proposals", str(coco128_proposals), "--predet-config", "symmetric_views=true"],
+        *["--iters", "2", "--warmup-iters", "1", "--batch-size", "4", "--log-every", "1"],
+    )
+    rows = log_rows(export.parent)
+    assert all(math.isfinite(row[k]) for row in rows for k in LOSS_TERMS)
+    card = (export / "README.md").read_text()
+    assert "| config.symmetric_views | True: " in card and "symmetric (our option" in card
+    assert "| config.box_head_dim | 128: " in card  # TINY's --predet-config still applies
 
 
 def test_two_gloo_processes(tmp_path, coco128, coco128_proposals):

@@ -14,7 +14,6 @@ _EXPORTS = {
     "LvisDataset": "lvis",
     "RepeatFactorBatchSampler": "lvis",
     "VocDataset": "voc",
-    "voc_image_records": "voc",
     "parse_image_sets": "voc",
     "DetectionDataset": "detection",
     "DatasetError": "detection",

@@ -2,8 +2,9 @@
 the LVIS reader shares.
 
 ``CocoDataset(ann_file, image_dir)`` follows the contract of ``detpretrain.data.detection``. Labels are 1..C in the
-order of the sorted category ids (the order ``detpretrain.jigsaw.coco_image_records`` uses too, so pre-training and
-fine-tuning agree on labels); ``label_to_category`` maps them back to the json's ids for the evaluator.
+order of the sorted category ids; ``label_to_category`` maps them back to the json's ids for the evaluator. Jigsaw
+pre-training reads COCO through this dataset too (``detpretrain.jigsaw.coco_image_records``, with
+``include_crowd=True``), so pre-training and fine-tuning agree on labels and clean boxes the same way.
 
 What loading checks and fixes (once, cheaply), and what it counts in ``cleaning_report``:
 

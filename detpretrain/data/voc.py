@@ -1,5 +1,5 @@
-"""PASCAL VOC datasets (``--format voc --voc-root VOCdevkit --train-sets 2007-trainval,2012-trainval``), a small VOC
-XML reader, and VOC records for Jigsaw sample extraction.
+"""PASCAL VOC datasets (``--format voc --voc-root VOCdevkit --train-sets 2007-trainval,2012-trainval``), the VOC
+class list and XML reader. Jigsaw reads VOC through this dataset too (``detpretrain.jigsaw.voc_image_records``).
 
 Layout: ``VOC_ROOT/VOC<year>/ImageSets/Main/<split>.txt`` lists image names, ``Annotations/<name>.xml`` holds their
 objects, ``JPEGImages/<name>.jpg`` their pixels (the image file is found by name, as detectron2 does, not by the
@@ -18,6 +18,14 @@ Conventions, each as detectron2's VOC loader (PreDet's VOC numbers come from det
 - Boxes are cleaned as for COCO (``detpretrain.data.detection``): clipped to the image when they stick out,
   dropped when of non-positive size or outside it, and counted.
 
+The XML reader. ``read_voc_annotation`` is the package's one reader of VOC's XML: the VOC evaluator
+(``detpretrain.evaluation.voc``) reads its ground truth with it too, so training and evaluation agree on what a file
+says (a missing ``<difficult>`` is 0, coordinates may be decimals, a missing or non-positive ``<size>`` is None). It
+reports boxes as written and leaves judging them to its callers, whose policies differ: this dataset clips or drops
+and counts bad boxes, as for COCO; the evaluator refuses an inverted box, since ground truth that silently lost an
+object would change the recall it measures. Unreadable files raise ``DatasetError`` naming the file; the evaluator
+re-raises them as its own ``EvaluationInputError``.
+
 Image ids. The contract wants a unique non-negative int per image (it seeds per-image random streams in Jigsaw):
 ``"2008_000123"`` (VOC2008+ names) becomes 2008000123 and ``"000123"`` (VOC2007 names, six digits) becomes
 2007000123, the year of its folder times 10**6 plus the number (``voc_image_id``). Any other name is an error:
@@ -35,25 +43,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from detpretrain.data.detection import Category, DatasetError, DetectionDataset, ImageEntry, clean_boxes
-from detpretrain.jigsaw import DetectionRecords, ImageRecord
 
 __all__ = [
     "VOC_CLASSES",
     "VOC_SPLITS",
     "VOC_YEARS",
     "VocDataset",
-    "VocObjectAnnotation",
+    "VocImage",
+    "VocObject",
     "parse_image_sets",
     "read_voc_annotation",
     "voc_image_id",
-    "voc_image_records",
 ]
 
-# The 20 classes in detectron2's and torchvision's order.
+# The 20 classes in detectron2's and torchvision's order, for training and for the VOC evaluator alike.
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -119,15 +125,34 @@ def voc_image_id(name: str, *, year: int) -> int:
 
 
 @dataclass(frozen=True)
-class VocObjectAnnotation:
-    """One ``<object>``: class name, ``bndbox`` as in the XML (1-based inclusive), ``difficult``."""
+class VocObject:
+    """One ``<object>`` of a VOC annotation."""
 
     name: str
-    bndbox: tuple[float, float, float, float]
-    difficult: bool
+    bndbox: tuple[float, float, float, float]  # xmin, ymin, xmax, ymax as in the XML: 1-based, inclusive
+    difficult: bool = False
+    truncated: bool = False
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        """xyxy in 0-based continuous pixel coordinates (module docstring), the frame models train and predict in."""
+        xmin, ymin, xmax, ymax = self.bndbox
+        return (xmin - 1.0, ymin - 1.0, xmax, ymax)
+
+
+@dataclass(frozen=True)
+class VocImage:
+    """One VOC annotation file: the image's name (the file's stem), its file name and size when given, its objects."""
+
+    name: str
+    filename: str | None
+    width: int | None
+    height: int | None
+    objects: tuple[VocObject, ...]
 
 
 def _number(element: ET.Element, tag: str, *, path: Path, where: str, required: bool) -> float | None:
+    """The finite number in ``element``'s child ``tag``; None when the child is missing or empty and not required."""
     child = element.find(tag)
     if child is None or child.text is None or not child.text.strip():
         if required:
@@ -144,10 +169,14 @@ def _number(element: ET.Element, tag: str, *, path: Path, where: str, required: 
     return value
 
 
-def read_voc_annotation(path: str | Path) -> tuple[int | None, int | None, list[VocObjectAnnotation]]:
-    """(width, height, objects) of a VOC XML file; the size is None when the file does not give a positive one.
+def read_voc_annotation(path: str | Path) -> VocImage:
+    """Read one VOC XML file as written: boxes are neither checked nor fixed (module docstring: each caller has its
+    own policy).
 
-    A missing ``<difficult>`` means 0. A malformed file fails naming it and the parser's position.
+    A missing ``<difficult>`` or ``<truncated>`` means 0; coordinates may be integers or decimals. The size is None
+    unless the file gives a positive width and height. Raises DatasetError, naming the file (and the parser's
+    position for malformed XML), for a missing or unreadable file, malformed XML, or an object without a name or
+    a complete box, or with a coordinate that is not a finite number.
     """
     path = Path(path)
     try:
@@ -156,29 +185,47 @@ def read_voc_annotation(path: str | Path) -> tuple[int | None, int | None, list[
         raise DatasetError(f"VOC annotation {path} does not exist; the image set lists it") from None
     except ET.ParseError as error:
         raise DatasetError(f"VOC annotation {path} is malformed XML ({error}); re-download it or fix it") from None
+    except OSError as error:
+        raise DatasetError(f"VOC annotation {path} cannot be read ({error}); make it a readable file") from None
     if root.tag != "annotation":
         raise DatasetError(f"VOC annotation {path} has root <{root.tag}>, not <annotation>; is it a VOC file?")
+    objects = []
+    for k, obj in enumerate(root.findall("object")):
+        name_element = obj.find("name")
+        if name_element is None or not (name_element.text or "").strip():
+            raise DatasetError(f"VOC annotation {path}: object {k} has no <name>; fix the file")
+        name = name_element.text.strip()
+        where = f"object {k} ({name})"  # the class helps find the object in a file with many
+        bndbox = obj.find("bndbox")
+        if bndbox is None:
+            raise DatasetError(f"VOC annotation {path}: {where} has no <bndbox>; fix the file")
+        xmin, ymin, xmax, ymax = (
+            _number(bndbox, tag, path=path, where=where, required=True) for tag in ("xmin", "ymin", "xmax", "ymax")
+        )
+        flags = {tag: _number(obj, tag, path=path, where=where, required=False) for tag in ("difficult", "truncated")}
+        objects.append(
+            VocObject(
+                name=name,
+                bndbox=(xmin, ymin, xmax, ymax),
+                difficult=bool(flags["difficult"]),
+                truncated=bool(flags["truncated"]),
+            )
+        )
     size = root.find("size")
     width = height = None
     if size is not None:
         width = _number(size, "width", path=path, where="<size>", required=False)
         height = _number(size, "height", path=path, where="<size>", required=False)
-    objects = []
-    for k, obj in enumerate(root.findall("object")):
-        where = f"object {k}"
-        name_element = obj.find("name")
-        if name_element is None or not (name_element.text or "").strip():
-            raise DatasetError(f"VOC annotation {path}: {where} has no <name>; fix the file")
-        bndbox = obj.find("bndbox")
-        if bndbox is None:
-            raise DatasetError(f"VOC annotation {path}: {where} has no <bndbox>; fix the file")
-        box = tuple(
-            _number(bndbox, tag, path=path, where=where, required=True) for tag in ("xmin", "ymin", "xmax", "ymax")
-        )
-        difficult = _number(obj, "difficult", path=path, where=where, required=False)
-        objects.append(VocObjectAnnotation(name=name_element.text.strip(), bndbox=box, difficult=bool(difficult)))
-    positive = width is not None and height is not None and width > 0 and height > 0
-    return (int(width), int(height), objects) if positive else (None, None, objects)
+    if not (width is not None and height is not None and width > 0 and height > 0):
+        width = height = None  # callers then take the size from the image (VocDataset) or do without it
+    filename = root.find("filename")
+    return VocImage(
+        name=path.stem,
+        filename=filename.text.strip() if filename is not None and filename.text and filename.text.strip() else None,
+        width=None if width is None else int(width),
+        height=None if height is None else int(height),
+        objects=tuple(objects),
+    )
 
 
 class VocDataset(DetectionDataset):
@@ -231,12 +278,13 @@ class VocDataset(DetectionDataset):
                     missing.append(image_path)
                     continue
                 xml_path = year_dir / "Annotations" / f"{name}.xml"
-                width, height, objects = read_voc_annotation(xml_path)
+                annotation = read_voc_annotation(xml_path)
+                width, height = annotation.width, annotation.height
                 if width is None:
                     width, height = _image_size(image_path)
                 entries.append(
                     self._entry(
-                        objects,
+                        annotation.objects,
                         image_id=image_id,
                         name=name,
                         path=image_path,
@@ -262,7 +310,7 @@ class VocDataset(DetectionDataset):
 
     def _entry(
         self,
-        objects: list[VocObjectAnnotation],
+        objects: Sequence[VocObject],
         *,
         image_id: int,
         name: str,
@@ -287,9 +335,9 @@ class VocDataset(DetectionDataset):
             report["difficult_excluded"] += int(difficult.sum())
             objects = [obj for obj in objects if not obj.difficult]
             difficult = np.zeros(len(objects), dtype=bool)
-        # 1-based inclusive pixel indices -> 0-based continuous xyxy (module docstring).
-        bndbox = np.array([obj.bndbox for obj in objects], dtype=np.float64).reshape(-1, 4)
-        boxes, outcome = clean_boxes(bndbox - np.array([1.0, 1.0, 0.0, 0.0]), width=width, height=height)
+        # VocObject.box: the XML's 1-based inclusive pixel indices as 0-based continuous xyxy (module docstring).
+        xyxy = np.array([obj.box for obj in objects], dtype=np.float64).reshape(-1, 4)
+        boxes, outcome = clean_boxes(xyxy, width=width, height=height)
         report["dropped_nonpositive_size"] += int(outcome["nonpositive"].sum())
         report["dropped_outside_image"] += int(outcome["outside"].sum())
         report["clipped_to_image"] += int(outcome["clipped"].sum())
@@ -320,27 +368,3 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise DatasetError(
             f"image {path} is unreadable ({error}) and its annotation gives no <size>: re-download the image"
         ) from error
-
-
-def voc_image_records(
-    voc_root: str | Path, image_sets: str | Sequence[str | tuple[int, str]] = "2007-trainval,2012-trainval"
-) -> DetectionRecords:
-    """VOC image sets as ``detpretrain.jigsaw`` records, for Jigsaw sample extraction (``--format voc``).
-
-    ``difficult`` objects become crowd-like records (``gt_crowd`` true): Jigsaw never cuts a positive sample from
-    them, and its negatives stay off them, as they do off COCO's crowd regions. Ids follow ``voc_image_id``.
-    """
-    dataset = VocDataset(voc_root, image_sets, include_difficult=True)
-    records = [
-        ImageRecord(
-            image_id=entry.image_id,
-            file_name=entry.path,
-            width=entry.width,
-            height=entry.height,
-            gt_boxes=torch.from_numpy(entry.boxes).reshape(-1, 4),
-            gt_labels=torch.from_numpy(entry.labels),
-            gt_crowd=torch.from_numpy(entry.flags),
-        )
-        for entry in dataset.entries()
-    ]
-    return DetectionRecords(records=records, class_names=dataset.class_names, category_ids=None)

@@ -1,4 +1,4 @@
-"""PASCAL VOC evaluation as detectron2 evaluates it (the numbers of PreDet's Tab. 6), and a reader of VOC's XML.
+"""PASCAL VOC evaluation as detectron2 evaluates it (the numbers of PreDet's Tab. 6), and its VOC ground truth.
 
 The metric is detectron2's ``PascalVOCDetectionEvaluator`` (py-faster-rcnn's ``voc_eval``, a port of the VOC devkit):
 
@@ -24,14 +24,18 @@ Models train and predict in 0-based continuous coordinates, ``[xmin - 1, ymin - 
 what detectron2's VOC loader does too); the evaluator adds the 1 back before the IoU, as detectron2's does.
 
 Ground truth: a VOCdevkit folder, a year and an image set: ``VOC<year>/ImageSets/Main/<image set>.txt`` lists the
-images, ``VOC<year>/Annotations/<image>.xml`` holds their objects. ``parse_voc_xml`` reads one such file; the dataset
-code reads VOC with it too. Results: a JSON list of ``{"image_id": "000001", "category": "dog", "box": [x1, y1, x2,
-y2], "score": 0.9}``, ``image_id`` the image's name in the image set, ``box`` xyxy in the 0-based frame above.
+images, ``VOC<year>/Annotations/<image>.xml`` holds their objects. ``parse_voc_xml`` reads one such file. The XML
+reader itself, ``VOC_CLASSES``, ``VocObject`` and ``VocImage`` live in ``detpretrain.data.voc`` (re-exported here), so
+that the evaluator and ``VocDataset`` read a file the same way. ``parse_voc_xml`` adds the evaluator's own rule on top:
+an inverted box (``xmax < xmin`` or ``ymax < ymin``) is an error, where the dataset drops it and counts it, since
+ground truth that silently lost an object would change the recall measured. Its errors are ``VocAnnotationError``, an
+``EvaluationInputError``, as the evaluator's callers expect. Results: a JSON list of ``{"image_id": "000001",
+"category": "dog", "box": [x1, y1, x2, y2], "score": 0.9}``, ``image_id`` the image's name in the image set, ``box``
+xyxy in the 0-based frame above.
 """
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from detpretrain.data.detection import DatasetError
+from detpretrain.data.voc import VOC_CLASSES, VocImage, VocObject, read_voc_annotation
 from detpretrain.evaluation.coco import (
     DetectionEvaluator,
     EvaluationInputError,
@@ -65,11 +71,6 @@ __all__ = [
     "voc_ap",
 ]
 
-# The 20 classes in detectron2's (and torchvision's) order.
-VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
 # detectron2 evaluates at thresh / 100 for thresh in range(50, 100, 5).
 VOC_IOU_THRESHOLDS = tuple(t / 100 for t in range(50, 100, 5))
 # The VOC2007 recall points as detectron2 computes them: np.arange puts 0.3, 0.6 and 0.7 a hair above the round
@@ -81,104 +82,26 @@ class VocAnnotationError(EvaluationInputError):
     """A VOC annotation file or image set that cannot be read; the message names the file."""
 
 
-@dataclass(frozen=True)
-class VocObject:
-    """One ``<object>`` of a VOC annotation."""
-
-    name: str
-    bndbox: tuple[float, float, float, float]  # xmin, ymin, xmax, ymax as in the XML: 1-based, inclusive
-    difficult: bool = False
-    truncated: bool = False
-
-    @property
-    def box(self) -> tuple[float, float, float, float]:
-        """xyxy in 0-based continuous pixel coordinates, the frame models train and predict in."""
-        xmin, ymin, xmax, ymax = self.bndbox
-        return (xmin - 1.0, ymin - 1.0, xmax, ymax)
-
-
-@dataclass(frozen=True)
-class VocImage:
-    """One VOC annotation file: the image's name (the file's stem), its file name and size when given, its objects."""
-
-    name: str
-    filename: str | None
-    width: int | None
-    height: int | None
-    objects: tuple[VocObject, ...]
-
-
-def _child_text(element: ET.Element, tag: str, *, path: Path, where: str) -> str:
-    child = element.find(tag)
-    if child is None or child.text is None or not child.text.strip():
-        raise VocAnnotationError(f"VOC annotation {path}: {where} has no <{tag}>")
-    return child.text.strip()
-
-
-def _optional_int(element: ET.Element, tag: str, *, path: Path, where: str) -> int | None:
-    child = element.find(tag)
-    if child is None or child.text is None or not child.text.strip():
-        return None
-    try:
-        return int(float(child.text))
-    except ValueError:
-        raise VocAnnotationError(f"VOC annotation {path}: {where} <{tag}> is {child.text!r}, not a number") from None
-
-
 def parse_voc_xml(path: str | Path) -> VocImage:
-    """Read a VOC annotation file. Missing ``difficult``/``truncated`` mean 0; coordinates may be integers or decimals.
+    """Read a VOC annotation file as ground truth: ``read_voc_annotation``, then no inverted box (module docstring).
 
-    Raises VocAnnotationError, naming the file, for a missing file, malformed XML, or an object without a name or
-    a complete box, with non-numeric coordinates, or with ``xmax < xmin`` or ``ymax < ymin``.
+    A missing ``difficult``/``truncated`` means 0; coordinates may be integers or decimals. Raises
+    VocAnnotationError, naming the file, for a missing file, malformed XML, or an object without a name or a complete
+    box, with non-numeric coordinates, or with ``xmax < xmin`` or ``ymax < ymin``.
     """
     path = Path(path)
     try:
-        root = ET.parse(path).getroot()
-    except FileNotFoundError:
-        raise VocAnnotationError(f"VOC annotation {path} does not exist") from None
-    except ET.ParseError as e:
-        raise VocAnnotationError(f"VOC annotation {path} is malformed XML: {e}") from None
-    except OSError as e:
-        raise VocAnnotationError(f"VOC annotation {path} cannot be read: {e}") from None
-    if root.tag != "annotation":
-        raise VocAnnotationError(f"VOC annotation {path}: the root element is <{root.tag}>, not <annotation>")
-    objects = []
-    for i, obj in enumerate(root.findall("object")):
-        where = f"object {i}"
-        name = _child_text(obj, "name", path=path, where=where)
-        bndbox = obj.find("bndbox")
-        if bndbox is None:
-            raise VocAnnotationError(f"VOC annotation {path}: {where} ({name}) has no <bndbox>")
-        coords = []
-        for tag in ("xmin", "ymin", "xmax", "ymax"):
-            text = _child_text(bndbox, tag, path=path, where=f"{where} ({name}) <bndbox>")
-            try:
-                coords.append(float(text))
-            except ValueError:
-                raise VocAnnotationError(f"VOC annotation {path}: {where} ({name}) <{tag}> is {text!r}") from None
-        xmin, ymin, xmax, ymax = coords
+        image = read_voc_annotation(path)
+    except DatasetError as error:
+        # The same message, as the error type the evaluator's callers catch (python -m detpretrain.evaluate).
+        raise VocAnnotationError(str(error)) from None
+    for i, obj in enumerate(image.objects):
+        xmin, ymin, xmax, ymax = obj.bndbox
         if xmax < xmin or ymax < ymin:
-            raise VocAnnotationError(f"VOC annotation {path}: {where} ({name}) has an inverted box {coords}")
-        flags = {
-            tag: _optional_int(obj, tag, path=path, where=f"{where} ({name})") for tag in ("difficult", "truncated")
-        }
-        objects.append(
-            VocObject(
-                name=name,
-                bndbox=(xmin, ymin, xmax, ymax),
-                difficult=bool(flags["difficult"]),
-                truncated=bool(flags["truncated"]),
+            raise VocAnnotationError(
+                f"VOC annotation {path}: object {i} ({obj.name}) has an inverted box {list(obj.bndbox)}; fix the file"
             )
-        )
-    size = root.find("size")
-    filename = root.find("filename")
-    return VocImage(
-        name=path.stem,
-        filename=filename.text.strip() if filename is not None and filename.text else None,
-        width=None if size is None else _optional_int(size, "width", path=path, where="<size>"),
-        height=None if size is None else _optional_int(size, "height", path=path, where="<size>"),
-        objects=tuple(objects),
-    )
+    return image
 
 
 @dataclass(frozen=True)

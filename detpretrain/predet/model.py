@@ -9,7 +9,7 @@ around the queries (§5.1).
 
 Both views go through the backbone in one forward so that BatchNorm sees both (PAPER_NOTES.md "Views and batch").
 Everything the CRPN and CROI head compare lives in view-1 coordinates; only the query features are pooled from view-2,
-at the query's view-2 box.
+at the query's view-2 box. ``PreDetConfig.symmetric_views`` adds the other direction (an option, off by default).
 
 Glossary (names and shapes):
 
@@ -59,6 +59,13 @@ class PreDetConfig:
     Each field says where its default comes from: "paper" (predet.txt), "detectron2 default" (its Base-RCNN-FPN
     config), or "our choice" (the paper is silent; PAPER_NOTES.md records the reading).
     """
+
+    # --- Views (§3.2, §3.3)
+    symmetric_views: bool = False
+    """Let each view take each role: besides the queries pooled from view-2 and matched in view-1, the queries pooled
+    from view-1 and matched in view-2; L_crpn, L_info and L_croi-reg average over the two directions. Our choice,
+    off: the paper pools queries from view-2 only (Fig. 2); PAPER_NOTES.md "Views and batch" names this variant as a
+    flagged option. It doubles the CRPN and CROI work."""
 
     # --- L_cls (§3.1)
     cls_levels: tuple[str, ...] = ("0", "1", "2", "3", "pool")
@@ -275,21 +282,33 @@ class PreDet(nn.Module):
         if self.pooler is None:
             return losses
 
-        view1_levels = [x[:num_images] for x in levels]
-        view2_levels = [x[num_images:] for x in levels]
+        # The roles of the views (PAPER_NOTES.md "Views and batch"): the "target" view holds the anchors, proposals
+        # and every target, the other view gives the query features. By default view-1 is the target view of each
+        # image; with symmetric_views each image is also taken the other way round, as a second "image" (rows B to
+        # 2B - 1 of the target levels: view-2's maps, queries2 as targets, features pooled from view-1). The CRPN
+        # and CROI losses are means over images and queries, so over both directions they are the mean of the two.
         roi_levels = len(self.pooler.strides)  # P2..P5
-        # f_q: each valid query pooled from view-2 at its view-2 box (§3.2, "ROI-pooling ... for query q").
+        if self.config.symmetric_views:
+            target_levels = levels
+            targets, sources = torch.cat([queries1, queries2]), torch.cat([queries2, queries1])
+            query_valid = torch.cat([query_valid, query_valid])
+        else:
+            target_levels = [x[:num_images] for x in levels]
+            targets, sources = queries1, queries2
+        # f_q: each valid query pooled from the other view of its image, at its box there (§3.2, "ROI-pooling ...
+        # for query q"): target row i pools from backbone row (i + B) mod 2B, view-2 for view-1 and vice versa.
         query_image = torch.nonzero(query_valid)[:, 0]
-        query_pooled = self.pooler(view2_levels[:roi_levels], queries2[query_valid], query_image)  # (Qn, C, S, S)
+        source_image = (query_image + num_images) % len(images)
+        query_pooled = self.pooler(levels[:roi_levels], sources[query_valid], source_image)  # (Qn, C, S, S)
 
         proposals = None
         if self.crpn is not None:
             query_features = query_pooled.new_zeros(*query_valid.shape, query_pooled.shape[1:].numel())
             query_features = query_features.index_put(tuple(torch.nonzero(query_valid).T), query_pooled.flatten(1))
             crpn_losses, proposals = self.crpn(
-                view1_levels,
+                target_levels,
                 query_features,
-                queries1,
+                targets,
                 query_valid,
                 image_size=image_size,
                 with_proposals=self.croi is not None,
@@ -297,8 +316,8 @@ class PreDet(nn.Module):
             losses.update(crpn_losses)
         if self.croi is not None:
             if proposals is None:
-                proposals = self.random_proposals(queries1, query_valid, image_size=image_size)
-            losses.update(self.croi(view1_levels[:roi_levels], proposals, queries1, query_valid, query_pooled))
+                proposals = self.random_proposals(targets, query_valid, image_size=image_size)
+            losses.update(self.croi(target_levels[:roi_levels], proposals, targets, query_valid, query_pooled))
         return losses
 
     def classification_loss(self, features: dict[str, Tensor], labels: Sequence[Tensor] | Tensor) -> Tensor:
