@@ -9,12 +9,19 @@ before timing, so data loading is not measured. The two sides alternate step by 
 whose load changes slows both alike); the median per side is reported. On CUDA with bf16 autocast and channels_last,
 as train_predet.py runs there.
 
+``flops``: the floating-point operations of the same two steps (forward + backward; convolutions and matrix products,
+counted by ``torch.utils.flop_counter``) for several backbones: the floor under the step-time ratio that any
+implementation of the model pays. The detection losses add a fixed amount per image (the CRPN's convolutions on
+view-1's pyramid, the query-anchor products, the 2-FC box head over 16 + 512 boxes), so the ratio falls as the
+backbone grows.
+
 ``edgeboxes``: EdgeBoxes images per CPU-second at 480 px (the default ``EdgeBoxesSettings``), decoding included, in
 this process alone (``num_workers=0``), so process CPU time is the time of one core whatever the machine's load.
 Target: at least 10 images/s per core.
 
     python benchmarks/bench_predet.py step --device cuda --model resnet50 --batch-size 64 --steps 20
     python benchmarks/bench_predet.py step --device cpu --model resnet18 --view-size 224 --batch-size 8 --steps 5
+    python benchmarks/bench_predet.py flops --models resnet50 resnet101 resnext101_32x8d
     python benchmarks/bench_predet.py edgeboxes --images 64
 """
 
@@ -47,7 +54,7 @@ SEED = 0
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["step", "edgeboxes"])
+    parser.add_argument("what", choices=["step", "flops", "edgeboxes"])
     parser.add_argument("--train-images", type=Path, default=COCO128 / "images")
     parser.add_argument("--train-ann", type=Path, default=COCO128 / "annotations" / "instances_train2017.json")
     parser.add_argument("--proposals", type=Path, help="EdgeBoxes cache of those images (default: computed here)")
@@ -60,6 +67,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", default="bf16", choices=["off", "bf16"], help="autocast on CUDA")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--images", type=int, default=64, help="edgeboxes: images to time")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["resnet50", "resnet101", "resnext101_32x8d"],
+        help="flops: the backbones to count (run with --batch-size 2: one image, the counts are per image)",
+    )
     return parser
 
 
@@ -168,6 +181,50 @@ def bench_step(args: argparse.Namespace) -> None:
     )
 
 
+# ------------------------------------------------------------------------------------------------------- flops
+def bench_flops(args: argparse.Namespace) -> None:
+    """Counted FLOPs of one training step per side and backbone, on the same real batch (run on the CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.amp, device = "off", torch.device("cpu")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        proposals = args.proposals or Path(tmp) / "proposals.edgeboxes"
+        if args.proposals is None:
+            images = from_coco(args.train_ann, args.train_images, on_bad_row="skip")
+            compute_proposal_cache(images.image_paths, proposals, num_workers=os.cpu_count() or 1)
+        for name in args.models:
+            args.model = name
+            batch, num_classes = fixed_batch(args, proposals)
+            flops = {}
+            for side, losses in (("all", LOSS_NAMES), ("cls", ("cls",))):
+                _, step = make_step(losses, args, batch, num_classes, device)
+                with FlopCounterMode(display=False) as counter:
+                    step(0)
+                flops[side] = counter.get_total_flops() / 1e9 / batch.num_images
+            rows.append(
+                f"| {name} | {flops['cls']:.1f} | {flops['all']:.1f} | {flops['all'] - flops['cls']:.1f} | "
+                f"{flops['all'] / flops['cls']:.3f} |"
+            )
+    print(
+        "\n".join(
+            [
+                "### PreDet step FLOPs: all losses vs classification only",
+                "",
+                *machine_lines("cpu"),
+                f"- setup: {args.batch_size} views of {args.view_size} px per step, FPN 256, the real coco128 batch "
+                "of `step`; forward + backward, convolutions and matrix products (torch.utils.flop_counter)",
+                "",
+                "| backbone | classification only (GFLOPs per image) | all four losses | extra | ratio |",
+                "|---|---|---|---|---|",
+                *rows,
+            ]
+        )
+    )
+
+
 # --------------------------------------------------------------------------------------------------- edgeboxes
 def bench_edgeboxes(args: argparse.Namespace) -> None:
     images = from_coco(args.train_ann, args.train_images, on_bad_row="skip")
@@ -196,4 +253,4 @@ def bench_edgeboxes(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     arguments = get_args_parser().parse_args()
-    bench_step(arguments) if arguments.what == "step" else bench_edgeboxes(arguments)
+    {"step": bench_step, "flops": bench_flops, "edgeboxes": bench_edgeboxes}[arguments.what](arguments)
