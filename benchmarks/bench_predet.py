@@ -77,6 +77,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # -------------------------------------------------------------------------------------------------------- step
+def proposals_of(args: argparse.Namespace, tmp: Path) -> Path:
+    """The EdgeBoxes cache of the training images: --proposals, or computed into ``tmp`` (untimed)."""
+    if args.proposals is not None:
+        return args.proposals
+    path = tmp / "proposals.edgeboxes"
+    images = from_coco(args.train_ann, args.train_images, on_bad_row="skip")
+    compute_proposal_cache(images.image_paths, path, num_workers=os.cpu_count() or 1)
+    return path
+
+
 def fixed_batch(args: argparse.Namespace, proposals_path: Path):
     """One batch of train_predet.py's two views with their queries, from real photos (made once, untimed)."""
     images = from_coco(args.train_ann, args.train_images, on_bad_row="skip")
@@ -136,12 +146,7 @@ def bench_step(args: argparse.Namespace) -> None:
         args.amp = "off"
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        proposals = args.proposals
-        if proposals is None:
-            proposals = Path(tmp) / "proposals.edgeboxes"
-            images = from_coco(args.train_ann, args.train_images, on_bad_row="skip")
-            compute_proposal_cache(images.image_paths, proposals, num_workers=os.cpu_count() or 1)
-        batch, num_classes = fixed_batch(args, proposals)
+        batch, num_classes = fixed_batch(args, proposals_of(args, Path(tmp)))
     full_model, full_step = make_step(LOSS_NAMES, args, batch, num_classes, device)
     init = {k: v for k, v in full_model.state_dict().items() if k.startswith(("fpn.", "cls_head."))}
     _, cls_step = make_step(("cls",), args, batch, num_classes, device, init_state=init)
@@ -191,10 +196,7 @@ def bench_flops(args: argparse.Namespace) -> None:
     args.amp, device = "off", torch.device("cpu")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        proposals = args.proposals or Path(tmp) / "proposals.edgeboxes"
-        if args.proposals is None:
-            images = from_coco(args.train_ann, args.train_images, on_bad_row="skip")
-            compute_proposal_cache(images.image_paths, proposals, num_workers=os.cpu_count() or 1)
+        proposals = proposals_of(args, Path(tmp))
         for name in args.models:
             args.model = name
             batch, num_classes = fixed_batch(args, proposals)

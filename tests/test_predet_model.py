@@ -544,14 +544,23 @@ def test_a_batch_without_any_valid_query_or_label_gives_zero_detection_losses_th
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_queries_are_pooled_from_view2_at_their_view2_boxes_and_proposals_from_view1():
-    model = make_model(("crpn", "info")).eval()  # eval: BN uses running statistics, so views do not mix
+def pooler_calls(model):
+    """One forward of ``model`` in eval mode (BN uses running statistics, so views do not mix) on 2 images with 3 and
+    2 valid queries; returns the batch, the valid mask and the arguments of each of the pooler's calls."""
+    model.eval()
     batch = make_batch(size=64, num_queries=3)
     valid = torch.tensor([[True, False, True], [True, True, True]])
     calls = []
     model.pooler.register_forward_hook(lambda module, args, output: calls.append(args))
     with torch.no_grad():
         model(**batch, query_valid=valid)
+    return batch, valid, calls
+
+
+def test_queries_are_pooled_from_view2_at_their_view2_boxes_and_proposals_from_view1():
+    model = make_model(("crpn", "info"))
+    batch, valid, calls = pooler_calls(model)
+    with torch.no_grad():
         view1_p2 = model.fpn(batch["images"][:2])["0"]
         view2_p2 = model.fpn(batch["images"][2:])["0"]
     (query_maps, query_boxes, query_rows), (box_maps, _, box_image) = calls
@@ -564,13 +573,9 @@ def test_queries_are_pooled_from_view2_at_their_view2_boxes_and_proposals_from_v
 
 
 def test_symmetric_views_add_the_other_direction_view1_queries_matched_in_view2():
-    model = make_model(("crpn", "info"), symmetric_views=True).eval()
-    batch = make_batch(size=64, num_queries=3)
-    valid = torch.tensor([[True, False, True], [True, True, True]])
-    calls = []
-    model.pooler.register_forward_hook(lambda module, args, output: calls.append(args))
+    model = make_model(("crpn", "info"), symmetric_views=True)
+    batch, valid, calls = pooler_calls(model)
     with torch.no_grad():
-        model(**batch, query_valid=valid)
         every_p2 = model.fpn(batch["images"])["0"]
     (query_maps, query_boxes, query_rows), (box_maps, box_boxes, box_image) = calls
     # Direction 1 (images 0, 1): pooled from the view-2s at their view-2 boxes; direction 2 ("images" 2, 3): pooled
