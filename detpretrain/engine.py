@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import datetime
 import functools
 import json
 import math
@@ -90,8 +91,26 @@ ARGS_NAME = "args.json"
 # separately (restore_training_state), so batch_size and accum_steps may change together with the number of
 # processes as long as batch_size * world_size * accum_steps stays the same.
 DEFAULT_RESUME_IGNORE = frozenset(
-    {"resume", "output_dir", "device", "num_workers", "quiet", "log_every", "save_every", "batch_size", "accum_steps"}
+    {
+        "resume",
+        "output_dir",
+        "device",
+        "num_workers",
+        "quiet",
+        "log_every",
+        "save_every",
+        "batch_size",
+        "accum_steps",
+        "dist_timeout",
+    }
 )
+
+# The --dist-timeout default, in minutes. A collective waits at most this long for the slowest rank. In these scripts
+# the longest legitimate wait is one preprocessing shard (a rank that finishes its own shards helps with the others',
+# detpretrain.sharding) or rank 0's evaluation between fine-tuning steps (minutes for COCO val, ~15 min for LVIS val),
+# while a hung job should fail within the hour. torch's own defaults (10 min for NCCL, 30 for gloo) stop
+# jobs whose rank 0 evaluates LVIS.
+DEFAULT_DIST_TIMEOUT_MINUTES = 60.0
 
 
 # --------------------------------------------------------------------------------------------- distributed
@@ -109,8 +128,12 @@ class DistInfo:
     distributed: bool
 
 
-def setup_distributed(device: str = "cuda") -> DistInfo:
-    """Join the torchrun process group (nccl on CUDA, gloo on CPU), or run as one process without torchrun."""
+def setup_distributed(device: str = "cuda", *, timeout_minutes: float = DEFAULT_DIST_TIMEOUT_MINUTES) -> DistInfo:
+    """Join the torchrun process group (nccl on CUDA, gloo on CPU), or run as one process without torchrun.
+
+    ``timeout_minutes`` (the scripts' --dist-timeout) bounds every collective, and the rendezvous: a rank waiting
+    longer for the others fails with torch's timeout error instead of hanging.
+    """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} is not supported; pass --device cpu or --device cuda")
     if device == "cuda" and not torch.cuda.is_available():
@@ -122,6 +145,9 @@ def setup_distributed(device: str = "cuda") -> DistInfo:
     if any(value is None for value in env.values()):
         raise RuntimeError(f"incomplete torchrun environment {env}; launch with torchrun, or unset all three")
     rank, world_size, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    if not timeout_minutes > 0:
+        raise ValueError(f"--dist-timeout {timeout_minutes} must be a positive number of minutes")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if device == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(
@@ -131,13 +157,25 @@ def setup_distributed(device: str = "cuda") -> DistInfo:
         torch.cuda.set_device(local_rank)
         this_device = torch.device("cuda", local_rank)
         # device_id binds the communicator to this GPU at once (no guessing in barrier()).
-        dist.init_process_group("nccl", device_id=this_device)
+        dist.init_process_group("nccl", device_id=this_device, timeout=timeout)
     else:
         this_device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return DistInfo(
         rank=rank, world_size=world_size, local_rank=local_rank, device=this_device, is_main=rank == 0, distributed=True
     )
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which job schedulers set), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_num_workers() -> int:
+    """Data-loader workers per process by default: the cores of this node shared among its local ranks
+    (torchrun's LOCAL_WORLD_SIZE), one left for the process itself, at least one."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, available_cores() // max(1, local_ranks) - 1)
 
 
 def cleanup_distributed() -> None:
@@ -578,8 +616,10 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(file)`` to a temp file beside ``path``, fsync, rename over ``path``."""
+def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
+    """Write through ``write(file)`` (a binary file) to a temp file beside ``path``, fsync, rename over ``path``:
+    whoever opens ``path`` finds the previous file or the whole new one, never a part, whenever the writer dies."""
+    path = Path(path)
     # Same directory, so os.replace is a rename within one filesystem: readers see the old or the new file.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
@@ -602,7 +642,7 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: torch.save(dict(state), f))
+    atomic_write(path, lambda f: torch.save(dict(state), f))
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
 
@@ -785,7 +825,7 @@ def save_args(output_dir: str | Path, args: Mapping[str, Any]) -> Path:
     path = Path(output_dir) / ARGS_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(to_jsonable(args), indent=2) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
     return path
 
 
@@ -809,7 +849,7 @@ def _truncate_log(path: Path, start_step: int) -> float:
         if row["step"] < start_step:
             kept.append(line)
             elapsed = row.get("elapsed_s", elapsed)
-    _atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
+    atomic_write(path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
     return float(elapsed)
 
 

@@ -41,6 +41,7 @@ Glossary:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -100,18 +101,21 @@ class ImageDecodeError(ValueError):
 # --------------------------------------------------------------------------------------------------------- decoding
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to an (H, W, 3) uint8 RGB array; raise a one-line error naming the file when it fails."""
+def read_rgb(source: str | Path | bytes, *, name: str | None = None) -> np.ndarray:
+    """Decode an image file, or its bytes (a tar member; ``name`` says which in errors), to an (H, W, 3) uint8 RGB
+    array; raise a one-line error naming the image when it fails."""
+    if name is None:
+        name = "<image bytes>" if isinstance(source, bytes) else str(source)
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.load()  # Image.open only reads the header: a truncated file fails here, not later
             rgb = image.convert("RGB")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: image file not found; check the image directory") from None
+        raise FileNotFoundError(f"{name}: image file not found; check the image directory") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         # SyntaxError and ValueError: some Pillow plugins report malformed headers with them.
         raise ImageDecodeError(
-            f"{path}: cannot decode the image ({type(error).__name__}: {error}); replace or delete the file, or "
+            f"{name}: cannot decode the image ({type(error).__name__}: {error}); replace or delete the file, or "
             "check the data with verify_images(..., on_bad_row='skip') to drop undecodable images"
         ) from None
     return np.array(rgb)  # a writable copy: torch.from_numpy warns on read-only arrays
