@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -83,14 +84,14 @@ def proposals_of(args: argparse.Namespace, tmp: Path) -> Path:
         return args.proposals
     path = tmp / "proposals.edgeboxes"
     images = from_coco(args.train_ann, args.train_images, on_bad_row="skip")
-    compute_proposal_cache(images.image_paths, path, num_workers=os.cpu_count() or 1)
+    compute_proposal_cache(images, path, num_workers=os.cpu_count() or 1)
     return path
 
 
 def fixed_batch(args: argparse.Namespace, proposals_path: Path):
     """One batch of train_predet.py's two views with their queries, from real photos (made once, untimed)."""
     images = from_coco(args.train_ann, args.train_images, on_bad_row="skip")
-    proposals = ProposalCache(proposals_path, image_paths=images.image_paths)
+    proposals = ProposalCache(proposals_path)
     views = PreDetViews(proposals, settings=ViewSettings(output_size=args.view_size))
     dataset = LabelledImageDataset(images)
     num_images = args.batch_size // 2
@@ -230,13 +231,13 @@ def bench_flops(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------- edgeboxes
 def bench_edgeboxes(args: argparse.Namespace) -> None:
     images = from_coco(args.train_ann, args.train_images, on_bad_row="skip")
-    paths = images.image_paths[: args.images]
+    images = images.select(np.arange(len(images)) < args.images, reasons={})
     settings = EdgeBoxesSettings()
     with tempfile.TemporaryDirectory() as tmp:
         wall, cpu = time.perf_counter(), time.process_time()
-        cache = compute_proposal_cache(paths, Path(tmp) / "p.edgeboxes", settings=settings, num_workers=0)
+        cache = compute_proposal_cache(images, Path(tmp) / "p.edgeboxes", settings=settings, num_workers=0).cache
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        boxes = cache.header["num_boxes"] / len(cache)
+        boxes = sum(cache.shard(k).header["num_boxes"] for k in range(cache.num_shards)) / len(cache)
     print(
         "\n".join(
             [
@@ -244,9 +245,9 @@ def bench_edgeboxes(args: argparse.Namespace) -> None:
                 "",
                 *machine_lines("cpu"),
                 f"- load average at the end: {os.getloadavg()[0]:.1f}",
-                f"- setup: {len(paths)} coco128 photos, one process (num_workers=0), settings {settings.record()}",
+                f"- setup: {len(images)} coco128 photos, one process (num_workers=0), settings {settings.record()}",
                 "",
-                f"- images per CPU-second: {len(paths) / cpu:.1f} (target >= 10); wall: {len(paths) / wall:.1f} "
+                f"- images per CPU-second: {len(images) / cpu:.1f} (target >= 10); wall: {len(images) / wall:.1f} "
                 f"images/s; {boxes:.1f} boxes per image",
             ]
         )

@@ -28,9 +28,10 @@ reading its own round-robin share, and hands every rank the whole list in shard 
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -59,6 +60,7 @@ SINGLE_PROCESS = DistInfo(
 """Where a plain ``python`` process (no torchrun) sits: it computes every shard itself."""
 
 _START_METHOD = "fork" if sys.platform == "linux" else "spawn"
+_BLOCK_PER_WORKER = 64  # tasks in flight per worker process
 
 
 def shard_ranges(num_items: int, shard_size: int) -> list[range]:
@@ -101,11 +103,17 @@ class WorkerPool:
             else None
         )
 
-    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> Iterator[Any]:
+    def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
+        """``fn`` of each task, in task order. Tasks are taken a block at a time, so that a stream of large tasks
+        (the images of a tar shard) never sits in memory whole."""
         if self._executor is None:
             return map(fn, tasks)
-        # Chunks amortize the inter-process round trip; results still arrive in order.
-        return self._executor.map(fn, tasks, chunksize=max(1, min(64, len(tasks) // (4 * self.num_workers))))
+        return self._map_in_blocks(fn, iter(tasks))
+
+    def _map_in_blocks(self, fn: Callable[[Any], Any], tasks: Iterator[Any]) -> Iterator[Any]:
+        while block := list(itertools.islice(tasks, _BLOCK_PER_WORKER * self.num_workers)):
+            # Chunks amortize the inter-process round trip; results still arrive in order.
+            yield from self._executor.map(fn, block, chunksize=max(1, len(block) // (4 * self.num_workers)))
 
     def close(self) -> None:
         if self._executor is not None:
@@ -155,13 +163,17 @@ def run_shards(
     compute: Callable[[int], None],
     directory: str | Path,
     dist_info: DistInfo = SINGLE_PROCESS,
+    exists: Callable[[int], bool] | None = None,
 ) -> ShardRun:
     """Make every shard ``0 .. num_shards - 1`` exist, sharing the work with every other rank (module docstring).
 
-    ``is_complete(k)`` says whether shard k's file exists and checks out (a shard that fails its check is computed
-    again); ``compute(k)`` computes shard k and writes it atomically. Every rank must call this, and each returns
-    once every shard exists (a barrier under the job's --dist-timeout).
+    ``is_complete(k)`` says whether shard k's file exists and checks out (same settings, same items: a shard that
+    fails it is computed again); it runs on the rank that owns shard k. ``compute(k)`` computes shard k and writes it
+    atomically. ``exists(k)`` (default: ``is_complete``) is the cheaper test of the other ranks' shards, for helping
+    and for the final check: a file that exists is whole, and its owner checks it. Every rank must call this, and
+    each returns once every shard exists (a barrier under the job's --dist-timeout).
     """
+    exists = exists or is_complete
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if dist_info.distributed:
@@ -177,12 +189,12 @@ def run_shards(
     # Help: the others' shards not yet written, starting after this rank's own position so that helpers spread.
     others = [(dist_info.rank + offset) % num_shards for offset in range(num_shards)] if num_shards else []
     for k in others:
-        if k % dist_info.world_size != dist_info.rank and not is_complete(k):
+        if k % dist_info.world_size != dist_info.rank and not exists(k):
             compute(k)
             computed.append(k)
     if dist_info.distributed:
         dist.barrier()
-    missing = [k for k in range(num_shards) if not is_complete(k)]
+    missing = [k for k in range(num_shards) if not exists(k)]
     if missing:
         raise RuntimeError(f"{directory}: shards {missing[:8]} are still missing after every rank finished")
     return ShardRun(kept=tuple(kept), computed=tuple(computed))

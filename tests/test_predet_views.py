@@ -245,7 +245,7 @@ def cached_images(tmp_path):
         paths.append(tmp_path / f"img{i}.png")
         Image.fromarray(pixels).save(paths[-1])
     settings = EdgeBoxesSettings(image_size=120, min_box_area=100, max_boxes=20)
-    return paths, compute_proposal_cache(paths, tmp_path / "cache.bin", settings=settings)
+    return paths, compute_proposal_cache(paths, tmp_path / "cache", settings=settings).cache
 
 
 def test_transform_and_collate_keep_both_views_of_an_image_together(cached_images):
@@ -272,5 +272,5 @@ def test_transform_rejects_an_image_the_cache_does_not_describe(cached_images):
     _, cache = cached_images
     transform = PreDetViews(cache)
     wrong = LabelledSample(image=torch.zeros(3, 50, 50, dtype=torch.uint8), labels=torch.tensor([0]), index=1)
-    with pytest.raises(ValueError, match="image 1 decodes to 50x50, but the proposal cache .* recorded"):
+    with pytest.raises(ValueError, match="image 'img1.png' decodes to 50x50, but the proposal cache .* recorded"):
         transform(wrong, generator=_generator(0))

@@ -17,9 +17,11 @@ from detpretrain.data.labelled_images import read_rgb
 from detpretrain.proposals import (
     EdgeBoxesSettings,
     ProposalCache,
+    ProposalShard,
     compute_proposal_cache,
     edge_boxes,
     import_ximgproc,
+    resolve_settings,
 )
 
 
@@ -158,8 +160,9 @@ def test_settings_validate_and_name_the_edge_source(tmp_path):
 def test_cache_round_trip_matches_edge_boxes(shape_images, tmp_path):
     # image_size 200 (the images are 160 x 120): boxes found at 200 px come back to 160 px and are rounded.
     settings = EdgeBoxesSettings(image_size=200, min_box_area=200, max_boxes=20)
-    cache = compute_proposal_cache(shape_images, tmp_path / "cache.bin", settings=settings)
-    assert len(cache) == len(shape_images)
+    run = compute_proposal_cache(shape_images, tmp_path / "cache", settings=settings, shard_size=2)
+    cache = run.cache
+    assert len(cache) == len(shape_images) and cache.num_shards == 3 and (run.kept, run.computed) == (0, 3)
     total = 0
     for i, path in enumerate(shape_images):
         image = read_rgb(path)
@@ -167,54 +170,127 @@ def test_cache_round_trip_matches_edge_boxes(shape_images, tmp_path):
         assert len(boxes) > 0
         assert torch.equal(cache.boxes(i), boxes)
         torch.testing.assert_close(cache.scores(i), scores, rtol=1e-3, atol=1e-4)  # stored as float16
-        assert cache.image_size(i) == (image.shape[1], image.shape[0])
+        assert cache.image_size(i) == (image.shape[1], image.shape[0]) and cache.status(i) == "ok"
         _check_proposals(cache.boxes(i), cache.scores(i), width=160, height=120, settings=settings)
         total += len(boxes)
-    assert cache.header["num_boxes"] == total
-    assert cache.settings == {**settings.record()}
-    assert cache.names() == [p.name for p in shape_images]
-    # Compact: 10 bytes per box, 16 per image, plus the names and one JSON header.
-    assert cache.path.stat().st_size < 10 * total + 40 * len(cache) + 2000
+    shards = [cache.shard(k) for k in range(cache.num_shards)]
+    assert sum(shard.header["num_boxes"] for shard in shards) == total
+    assert cache.settings == settings.record() and all(shard.header["settings"] == cache.settings for shard in shards)
+    assert [name for shard in shards for name in shard.names()] == [p.name for p in shape_images]
+    # Compact: 10 bytes per box, 17 per image, plus the names and one JSON header per shard.
+    size = sum(shard.path.stat().st_size for shard in shards)
+    assert size < 10 * total + 40 * len(cache) + 2000 * len(shards)
     restored = pickle.loads(pickle.dumps(cache))  # DataLoader workers receive a pickled cache
     assert torch.equal(restored.boxes(3), cache.boxes(3))
 
 
 def test_cache_is_identical_for_any_worker_count(shape_images, tmp_path):
     settings = EdgeBoxesSettings(image_size=160, min_box_area=200, max_boxes=20)
-    serial = compute_proposal_cache(shape_images, tmp_path / "serial.bin", settings=settings, num_workers=0)
-    parallel = compute_proposal_cache(shape_images, tmp_path / "parallel.bin", settings=settings, num_workers=2)
-    assert serial.path.read_bytes() == parallel.path.read_bytes()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no temporary file left behind"
+    serial = compute_proposal_cache(shape_images, tmp_path / "serial", settings=settings, num_workers=0, shard_size=2)
+    parallel = compute_proposal_cache(
+        shape_images, tmp_path / "parallel", settings=settings, num_workers=2, shard_size=2
+    )
+    assert folder_bytes(serial.cache.path) == folder_bytes(parallel.cache.path)
+    assert [p.name for p in tmp_path.rglob(".*")] == [], "no temporary file left behind"
 
 
-def test_stale_cache_is_rejected_with_a_clear_error(shape_images, tmp_path):
+def folder_bytes(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_bad_images_are_skipped_counted_and_reported(shape_images, tmp_path):
+    truncated = tmp_path / "data" / "truncated.png"
+    truncated.write_bytes(shape_images[0].read_bytes()[:200])
+    (tmp_path / "data" / "text.png").write_text("not an image")
+    (tmp_path / "data" / "empty.png").write_bytes(b"")
+    paths = [shape_images[0], truncated, tmp_path / "data" / "text.png", tmp_path / "data" / "missing.png"]
+    paths += [tmp_path / "data" / "empty.png", shape_images[1]]
     settings = EdgeBoxesSettings(image_size=160, min_box_area=200, max_boxes=5)
-    compute_proposal_cache(shape_images, tmp_path / "cache.bin", settings=settings)
-    ProposalCache(tmp_path / "cache.bin", image_paths=shape_images)
-    with pytest.raises(ValueError, match="stale proposal cache: 5 images there, 4 here; compute it again"):
-        ProposalCache(tmp_path / "cache.bin", image_paths=shape_images[:4])
+    run = compute_proposal_cache(paths, tmp_path / "cache", settings=settings, shard_size=4)
+    expected = [
+        {"shard": 0, "row": 1, "image": "truncated.png", "reason": "undecodable image"},
+        {"shard": 0, "row": 2, "image": "text.png", "reason": "undecodable image"},
+        {"shard": 0, "row": 3, "image": "missing.png", "reason": "missing file"},
+        {"shard": 1, "row": 4, "image": "empty.png", "reason": "undecodable image"},
+    ]
+    assert run.skipped == expected and run.cache.skipped_images() == expected
+    cache = run.cache
+    assert [cache.status(i) for i in range(6)] == ["ok", *[e["reason"] for e in expected], "ok"]
+    assert [len(cache.boxes(i)) > 0 for i in range(6)] == [True, False, False, False, False, True]
+    assert cache.image_size(3) == (0, 0)
+
+
+def test_a_killed_cache_continues_and_keeps_whole_shards(shape_images, tmp_path):
+    settings = EdgeBoxesSettings(image_size=160, min_box_area=200, max_boxes=5)
+    reference = compute_proposal_cache(shape_images, tmp_path / "reference", settings=settings, shard_size=2)
+    folder = tmp_path / "cache"
+    compute_proposal_cache(shape_images, folder, settings=settings, shard_size=2)
+    # A kill between shards leaves some shards missing; one mid-write leaves a temporary file, and a damaged shard
+    # (a disk error, a copy cut short) fails its check: each is computed again, the whole shard is kept.
+    (folder / "shard-000001.edgeboxes").unlink()
+    (folder / ".shard-000001.edgeboxes.0123abcd.tmp").write_bytes(b"partial")
+    data = (folder / "shard-000002.edgeboxes").read_bytes()
+    (folder / "shard-000002.edgeboxes").write_bytes(data[:-30])
+    kept = (folder / "shard-000000.edgeboxes").stat()
+    run = compute_proposal_cache(shape_images, folder, settings=settings, shard_size=2)
+    assert (run.kept, run.computed) == (1, 2)
+    assert (folder / "shard-000000.edgeboxes").stat().st_mtime_ns == kept.st_mtime_ns
+    assert {k: v for k, v in folder_bytes(folder).items() if not k.startswith(".")} == folder_bytes(
+        reference.cache.path
+    )
+
+
+def test_another_image_list_or_setting_is_refused(shape_images, tmp_path):
+    settings = EdgeBoxesSettings(image_size=160, min_box_area=200, max_boxes=5)
+    compute_proposal_cache(shape_images, tmp_path / "cache", settings=settings, shard_size=2)
+    with pytest.raises(ValueError, match=r"other layout \(num_images: 5 there, 4 here\)"):
+        compute_proposal_cache(shape_images[:4], tmp_path / "cache", settings=settings, shard_size=2)
+    other = EdgeBoxesSettings(image_size=160, min_box_area=200, max_boxes=6)
+    with pytest.raises(ValueError, match="other settings .*max_boxes: 5 there, 6 here"):
+        compute_proposal_cache(shape_images, tmp_path / "cache", settings=other, shard_size=2)
+    # Images 1 and 2 swapped: shards 0 and 1 no longer hold their images and are computed again; shard 2 is kept.
     swapped = [shape_images[0], shape_images[2], shape_images[1], *shape_images[3:]]
-    with pytest.raises(ValueError, match="image 1 is 'img1.png' there, 'img2.png' here"):
-        ProposalCache(tmp_path / "cache.bin", image_paths=swapped)
-    # The same files elsewhere (a dataset moved to another disk) still match.
+    run = compute_proposal_cache(swapped, tmp_path / "cache", settings=settings, shard_size=2)
+    assert (run.kept, run.computed) == (1, 2) and run.cache.shard(0).names() == ["img0.png", "img2.png"]
+    # The same files elsewhere (a dataset moved to another disk) still match: every shard is kept.
     moved = tmp_path / "elsewhere"
     moved.mkdir()
-    for path in shape_images:
+    for path in swapped:
         (moved / path.name).write_bytes(path.read_bytes())
-    ProposalCache(tmp_path / "cache.bin", image_paths=[moved / p.name for p in shape_images])
+    run = compute_proposal_cache([moved / p.name for p in swapped], tmp_path / "cache", settings=settings, shard_size=2)
+    assert (run.kept, run.computed) == (3, 0)
 
 
-def test_damaged_files_are_rejected(shape_images, tmp_path):
+def test_settings_travel_with_the_cache(shape_images, tmp_path):
+    folder = tmp_path / "cache"
+    assert resolve_settings(folder, {"max_boxes": 7}) == EdgeBoxesSettings(max_boxes=7)  # a new cache: the flags
+    settings = EdgeBoxesSettings(image_size=160, min_box_area=200, max_boxes=7, alpha=0.6)
+    compute_proposal_cache(shape_images, folder, settings=settings, shard_size=2)
+    assert resolve_settings(folder, {}) == settings  # no flag: the cache's own settings
+    assert resolve_settings(folder, {"max_boxes": 7, "alpha": 0.6}) == settings  # flags that agree
+    with pytest.raises(ValueError, match=r"computed with max_boxes=7, but --edge-max-boxes 50 was passed"):
+        resolve_settings(folder, {"max_boxes": 50})
+    model = tmp_path / "model.yml.gz"
+    model.write_bytes(b"forest")
+    with pytest.raises(ValueError, match="computed with edge_model='image-gradient edges"):
+        resolve_settings(folder, {"edge_model": str(model)})
+
+
+def test_damaged_or_old_caches_are_rejected(shape_images, tmp_path):
     settings = EdgeBoxesSettings(image_size=160, min_box_area=200, max_boxes=5)
-    data = compute_proposal_cache(shape_images, tmp_path / "cache.bin", settings=settings).path.read_bytes()
-    (tmp_path / "truncated.bin").write_bytes(data[:-40])
+    folder = compute_proposal_cache(shape_images, tmp_path / "cache", settings=settings, shard_size=2).cache.path
+    data = (folder / "shard-000000.edgeboxes").read_bytes()
+    (tmp_path / "truncated.edgeboxes").write_bytes(data[:-40])
     with pytest.raises(ValueError, match="truncated"):
-        ProposalCache(tmp_path / "truncated.bin")
-    (tmp_path / "other.bin").write_bytes(b"\x00" * 100)
-    with pytest.raises(ValueError, match="not a proposal cache"):
-        ProposalCache(tmp_path / "other.bin")
-    with pytest.raises(FileNotFoundError, match="create it with compute_proposal_cache"):
-        ProposalCache(tmp_path / "absent.bin")
+        ProposalShard(tmp_path / "truncated.edgeboxes")
+    (tmp_path / "other.edgeboxes").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="not a proposal shard"):
+        ProposalShard(tmp_path / "other.edgeboxes")
+    with pytest.raises(FileNotFoundError, match="no proposal cache here"):
+        ProposalCache(tmp_path / "absent")
+    (tmp_path / "old.bin").write_bytes(data)  # version 1 was a single file
+    with pytest.raises(ValueError, match="single-file proposal cache of an older detpretrain"):
+        ProposalCache(tmp_path / "old.bin")
 
 
 def test_structured_edges_are_used_and_recorded(shape_images, tmp_path, monkeypatch):
@@ -239,7 +315,7 @@ def test_structured_edges_are_used_and_recorded(shape_images, tmp_path, monkeypa
 
     monkeypatch.setattr(cv2.ximgproc, "createStructuredEdgeDetection", lambda path: FakeForest())
     settings = EdgeBoxesSettings(image_size=160, min_box_area=200, max_boxes=5, edge_model=str(model))
-    cache = compute_proposal_cache(shape_images[:2], tmp_path / "cache.bin", settings=settings)
+    cache = compute_proposal_cache(shape_images[:2], tmp_path / "cache", settings=settings).cache
     assert calls and calls[0][0] == np.float32 and calls[0][1] == (120, 160, 3) and calls[0][2] <= 1.0
     assert cache.settings["edge_source"] == "structured"
     assert cache.settings["edge_model_file"] == "model.yml.gz"
@@ -250,20 +326,14 @@ def test_structured_edges_are_used_and_recorded(shape_images, tmp_path, monkeypa
 def test_command_line_on_coco128(coco128, tmp_path, capsys):
     proposals.main(
         [
-            "--train-images",
-            str(coco128 / "images"),
-            "--train-ann",
-            str(coco128 / "annotations" / "instances_train2017.json"),
-            "--skip-bad-rows",
-            "--output",
-            str(tmp_path / "coco128.bin"),
-            "--num-workers",
-            "0",
-            "--limit",
-            "2",
+            *["--train-images", str(coco128 / "images")],
+            *["--train-ann", str(coco128 / "annotations" / "instances_train2017.json")],
+            *["--skip-bad-rows", "--output", str(tmp_path / "coco128"), "--num-workers", "0", "--limit", "3"],
+            *["--shard-size", "2", "--edge-max-boxes", "50"],
         ]
     )
     report = json.loads(capsys.readouterr().out)
-    assert report["images"] == 2 and report["settings"]["edge_source"] == "image-gradient"
-    assert 0 < report["bytes_per_image"] < 2000
-    assert len(ProposalCache(tmp_path / "coco128.bin")) == 2
+    assert report["images"] == 3 and report["shards"] == 2 and report["settings"]["edge_source"] == "image-gradient"
+    assert report["settings"]["max_boxes"] == 50 and report["boxes_per_image"] <= 50
+    assert 0 < report["bytes_per_image"] < 2000 and report["images_per_cpu_s"] > 0
+    assert len(ProposalCache(tmp_path / "coco128")) == 3

@@ -381,11 +381,12 @@ class PreDetSample(NamedTuple):
 
 
 class PreDetViews:
-    """The PreDet transform for ``engine.StepSeededDataset``: ``transform(sample, generator=g) -> PreDetSample``.
+    """The PreDet transform for ``engine.StepSeededDataset`` (and the tar-shard stream): ``transform(sample,
+    generator=g) -> PreDetSample``.
 
-    ``sample`` is a ``LabelledSample``; its queries come from ``proposals.boxes(sample.index)``, so the cache must
-    belong to the same image list (``ProposalCache(path, image_paths=images.image_paths)`` checks it), and each
-    decoded image must have the size recorded in the cache.
+    ``sample`` is a ``LabelledSample`` or a ``ShardSample``; its queries come from the proposal cache computed for
+    the same data, at ``proposals.locate(sample)`` (its row, or its tar shard and position, key checked), and each
+    decoded image must have the size recorded there.
     """
 
     def __init__(self, proposals: ProposalCache, *, settings: ViewSettings | None = None) -> None:
@@ -393,13 +394,14 @@ class PreDetViews:
         self.settings = settings or ViewSettings()
 
     def __call__(self, sample: LabelledSample, *, generator: torch.Generator) -> PreDetSample:
+        shard, row = self.proposals.locate(sample)
         height, width = sample.image.shape[1:]
-        if (width, height) != self.proposals.image_size(sample.index):
+        if (width, height) != shard.image_size(row):
             raise ValueError(
-                f"image {sample.index} decodes to {width}x{height}, but the proposal cache {self.proposals.path} "
-                f"recorded {self.proposals.image_size(sample.index)}; the cache is stale: compute it again"
+                f"image {shard.name(row)!r} decodes to {width}x{height}, but the proposal cache {shard.path} "
+                f"recorded {shard.image_size(row)}; the cache is stale: compute it again"
             )
-        views = two_views(sample.image, self.proposals.boxes(sample.index), generator=generator, settings=self.settings)
+        views = two_views(sample.image, shard.boxes(row), generator=generator, settings=self.settings)
         return PreDetSample(views=views, labels=sample.labels, index=sample.index)
 
 
