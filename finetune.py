@@ -190,7 +190,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", type=Path, default=Path("runs/finetune"))
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     run.add_argument(
-        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loader processes per process"
+        "--num-workers",
+        type=int,
+        default=engine.default_num_workers(),
+        help="data-loader processes per process (default: this rank's share of the node's cores, less one)",
+    )
+    run.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=engine.DEFAULT_DIST_TIMEOUT_MINUTES,
+        help="minutes a rank waits for the others at a collective, e.g. while rank 0 evaluates (torchrun)",
     )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(
@@ -500,7 +509,7 @@ def main(args: argparse.Namespace) -> Path:
     """Fine-tune and evaluate (or only evaluate); with --seeds, once per seed and a summary. Returns the path of
     eval.json (eval_seeds.json with --seeds)."""
     seeds = check_args(args)
-    dist_info = engine.setup_distributed(args.device)
+    dist_info = engine.setup_distributed(args.device, timeout_minutes=args.dist_timeout)
     try:
         if not seeds:
             return finetune(args, dist_info)

@@ -17,6 +17,9 @@ in the model card with where it comes from. The paper trains on IG-50M hashtags 
     # the paper's setting: 1024 views per step, e.g. 64 GPUs x 16 views
     torchrun --nnodes 8 --nproc_per_node 8 ... train_predet.py --model resnext101_32x8d --batch-size 16 \\
         --train-images imagenet/train --output-dir out/x101   # an ImageNet-style class-folder tree
+    # weakly-labelled web data as WebDataset tar shards (image + .json/.cls label per sample), streamed
+    torchrun --nnodes 8 --nproc_per_node 8 ... train_predet.py --model resnext101_32x8d --batch-size 16 \\
+        --train-shards 'ig/shard-{000000..049999}.tar' --class-names ig/classes.txt --output-dir out/x101_ig
     # one 8-GPU machine, the same global batch by gradient accumulation
     torchrun --nproc_per_node 8 train_predet.py --model resnet50 --batch-size 32 --accum-steps 4 \\
         --train-images photos/ --train-ann labels.jsonl --output-dir out/r50
@@ -27,10 +30,14 @@ in the model card with where it comes from. The paper trains on IG-50M hashtags 
     python train_predet.py --model resnet18 --view-size 160 --iters 30 --warmup-iters 5 --batch-size 8 --device cpu
 
 Query boxes (EdgeBoxes, through OpenCV's contrib module: ``pip install "detpretrain[proposals]"``) are computed
-once per dataset, in --proposal-workers processes, into OUTPUT_DIR/proposals.edgeboxes (or --proposals FILE,
-which ``python -m detpretrain.proposals`` can also make beforehand). A run with ``--losses cls`` needs none.
+once per dataset into a cache folder, OUTPUT_DIR/proposals.edgeboxes (or --proposals DIR), by every rank of the job
+(each its share of the shards, in --proposal-workers processes); a killed run continues it, a bad image is left out
+and named in its skipped.jsonl, and the settings it records are used (an --edge-* flag that contradicts them stops
+the run). ``torchrun ... -m detpretrain.proposals`` makes it beforehand, e.g. on a CPU cluster. Every rank reads
+the labels itself into a compact array index (no broadcast, no rank waiting on another); ``--dist-timeout`` bounds
+any wait at a collective. A run with ``--losses cls`` needs no cache.
 
-Outputs in --output-dir: proposals.edgeboxes, args.json, log.jsonl (every loss term), checkpoint.pth (resume with
+Outputs in --output-dir: proposals.edgeboxes/, args.json, log.jsonl (every loss term), checkpoint.pth (resume with
 --resume auto), export/ (model.safetensors, config.json, README.md, and fpn.safetensors unless --no-export-fpn;
 heads.safetensors with --export-heads): load it with timm.create_model(ARCH, pretrained=True, num_classes=0,
 pretrained_cfg_overlay=dict(file=".../model.safetensors")) or finetune.py --backbone-weights OUT/export, which also
@@ -44,17 +51,21 @@ import ast
 import dataclasses
 import inspect
 import json
-import os
+import sys
+from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 import detpretrain
 from detpretrain import engine
-from detpretrain.data import labelled_images
+from detpretrain.data import labelled_images, tar_shards
 from detpretrain.data.labelled_images import ImageDecodeError, LabelledImageDataset, LabelledImages, LabelledSample
 from detpretrain.data.synthetic import synthetic_coco
+from detpretrain.data.tar_shards import DEFAULT_SHUFFLE_BUFFER
 from detpretrain.detection.protocols import NORM_MODULES
 from detpretrain.predet.model import LOSS_NAMES, PreDet, PreDetConfig, create_predet
 from detpretrain.predet.views import (
@@ -65,7 +76,15 @@ from detpretrain.predet.views import (
     images_per_batch,
     two_views,
 )
-from detpretrain.proposals import EdgeBoxesSettings, ProposalCache, compute_proposal_cache
+from detpretrain.proposals import (
+    DEFAULT_SHARD_SIZE,
+    ProposalCache,
+    add_settings_flags,
+    compute_proposal_cache,
+    compute_tar_proposal_cache,
+    resolve_settings,
+    settings_overrides,
+)
 from detpretrain.zoo import PREDET_PAPER
 
 PAPER_GLOBAL_BATCH = 1024  # views per step in §4.1 (512 images x 2); --lr is for this batch
@@ -80,17 +99,51 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--train-images", type=Path, help="image folder (with --train-ann), or an ImageNet-style class-folder tree"
     )
     data.add_argument("--train-ann", type=Path, help="COCO/LVIS json (image-level labels), or a .jsonl/.csv label file")
-    data.add_argument("--class-names", type=Path, help="class list, one per line (.jsonl/.csv labels; default: sorted)")
-    data.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
-    data.add_argument("--verify-images", action="store_true", help="decode every image once before training")
-
-    queries = parser.add_argument_group("queries (§3.2, §4.1): EdgeBoxes, computed once per dataset")
-    queries.add_argument(
-        "--proposals", type=Path, help=f"proposal cache to write or reuse; default OUTPUT_DIR/{PROPOSALS_NAME}"
+    data.add_argument(
+        "--train-shards",
+        help="WebDataset tar shards instead (a brace pattern, a folder of .tar, or a list file; image + .json or "
+        ".cls label per sample), streamed with the shards split per rank and per worker; needs --class-names",
     )
-    queries.add_argument("--proposal-workers", type=int, default=os.cpu_count() or 1, help="EdgeBoxes processes")
-    queries.add_argument("--edge-model", help="structured-edge model.yml.gz (as [69]); default: image-gradient edges")
+    data.add_argument(
+        "--class-names",
+        type=Path,
+        help="class list, one per line (required with --train-shards; .jsonl/.csv labels: default sorted)",
+    )
+    data.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=DEFAULT_SHUFFLE_BUFFER,
+        help="--train-shards: samples shuffled together inside a shard",
+    )
+    data.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="skip and count bad rows (unknown labels, missing or undecodable images) instead of stopping",
+    )
+    data.add_argument(
+        "--verify-images",
+        action="store_true",
+        help="decode every image once before training (with --losses cls; the EdgeBoxes pass of the other losses "
+        "decodes every image anyway)",
+    )
+
+    queries = parser.add_argument_group("queries (§3.2, §4.1): EdgeBoxes, computed once per dataset by every rank")
+    queries.add_argument(
+        "--proposals",
+        type=Path,
+        help=f"proposal cache folder to write, continue or reuse; default OUTPUT_DIR/{PROPOSALS_NAME}",
+    )
+    queries.add_argument(
+        "--proposal-workers",
+        type=int,
+        default=engine.cores_per_local_rank(),
+        help="EdgeBoxes (and image check) processes per rank (default: this rank's share of the node's cores)",
+    )
+    queries.add_argument(
+        "--proposal-shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per cache shard (unit of resume)"
+    )
     queries.add_argument("--num-queries", type=int, default=16, help="queries sampled per image per step (§4.1: 16)")
+    add_settings_flags(queries)
 
     views = parser.add_argument_group("views (§3.3, §4.1)")
     views.add_argument("--view-size", type=int, default=480, help="both views are S x S (§4.1: 480)")
@@ -136,7 +189,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     run.add_argument("--amp", default="bf16", choices=["off", "bf16"], help="autocast on CUDA (ignored on CPU)")
     run.add_argument(
-        "--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loader processes per process"
+        "--num-workers",
+        type=int,
+        default=engine.default_num_workers(),
+        help="data-loader processes per process (default: this rank's share of the node's cores, less one)",
+    )
+    run.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=engine.DEFAULT_DIST_TIMEOUT_MINUTES,
+        help="minutes a rank waits for the others at a collective (torchrun)",
     )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
@@ -192,23 +254,28 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(str(error)) from None
     if args.train_ann is not None and args.train_images is None:
         raise SystemExit("--train-ann needs --train-images (the folder its file names are relative to)")
+    if args.train_shards is not None and args.train_images is not None:
+        raise SystemExit("pass --train-shards (tar shards) or --train-images (files), not both")
+    if args.train_shards is not None and args.class_names is None:
+        raise SystemExit(
+            "--train-shards needs --class-names FILE (one class per line): the classes of a stream cannot be known "
+            "before every shard is read"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------ data
 def read_labelled_images(args: argparse.Namespace) -> LabelledImages:
     """The image-level labels of the data flags (a COCO/LVIS json, a .jsonl/.csv file, a class-folder tree), or of
-    the embedded default dataset; bad rows stop the run, or are skipped and counted with --skip-bad-rows."""
+    the embedded default dataset. Every rank reads them itself (the same arrays everywhere: no broadcast, and no rank
+    waits for another); bad label rows stop the run, or are skipped and counted with --skip-bad-rows."""
     policy = "skip" if args.skip_bad_rows else "error"
+    train_images, train_ann = args.train_images, args.train_ann
+    if train_images is None:
+        default = synthetic_coco()
+        train_images, train_ann = default.train_images, default.train_ann
     try:
-        if args.train_images is None:
-            default = synthetic_coco()
-            return labelled_images.from_coco(default.train_ann, default.train_images, on_bad_row=policy)
-        if args.train_ann is None:
-            return labelled_images.from_class_folders(args.train_images)
-        if args.train_ann.suffix.lower() == ".json":
-            return labelled_images.from_coco(args.train_ann, args.train_images, on_bad_row=policy)
-        return labelled_images.from_label_file(
-            args.train_images, args.train_ann, class_names=args.class_names, on_bad_row=policy
+        return labelled_images.read_labelled_images(
+            train_images, train_ann, class_names=args.class_names, on_bad_row=policy
         )
     except labelled_images.BadRowError as error:
         raise SystemExit(f"{error}; pass --skip-bad-rows to skip such rows and count them") from None
@@ -216,74 +283,73 @@ def read_labelled_images(args: argparse.Namespace) -> LabelledImages:
         raise SystemExit(str(error)) from None
 
 
-def prepare_images(args: argparse.Namespace, dist_info: engine.DistInfo) -> LabelledImages:
-    """Read (and with --verify-images, decode once) on rank 0; every rank gets the same list."""
-    images = None
-    if dist_info.is_main:
-        images = read_labelled_images(args)
-        if args.verify_images:
-            policy = "skip" if args.skip_bad_rows else "error"
-            try:
-                images = labelled_images.verify_images(
-                    images, on_bad_row=policy, num_workers=args.proposal_workers, progress=not args.quiet
-                )
-            except labelled_images.BadRowError as error:
-                raise SystemExit(str(error).replace("on_bad_row='skip'", "--skip-bad-rows")) from None
-        print(images.summary())
-    if dist_info.distributed:
-        holder = [images]
-        dist.broadcast_object_list(holder, src=0)
-        images = holder[0]
-    return images
-
-
-def prepare_proposals(args, images: LabelledImages, dist_info: engine.DistInfo) -> ProposalCache:
-    """The dataset's EdgeBoxes cache: computed once on rank 0 (in parallel workers), or reused when it was made
-    for the same images with the same settings."""
+def prepare_proposals(args, source, dist_info: engine.DistInfo) -> tuple[ProposalCache, list[dict]]:
+    """The dataset's EdgeBoxes cache (``source``: a LabelledImages, or a list of tar shards), computed by every rank
+    (each its share of the shards, in parallel workers), continued after a kill, or reused; its settings are the
+    cache's own unless a flag says otherwise (a conflict stops the run, naming the field). Returns the cache and
+    every image it skipped (``{"shard", "row", "image", "reason"}``)."""
     path = args.proposals or args.output_dir / PROPOSALS_NAME
-    settings = EdgeBoxesSettings(edge_model=args.edge_model)
-    if dist_info.is_main:
-        if path.is_file():
-            cache = ProposalCache(path)
-            if cache.settings != settings.record():
-                raise SystemExit(
-                    f"{path} was computed with other EdgeBoxes settings ({cache.settings}); delete it, or pass "
-                    "--proposals NEW_FILE to compute them again"
-                )
-        else:
-            try:
-                compute_proposal_cache(
-                    images.image_paths,
-                    path,
-                    settings=settings,
-                    num_workers=args.proposal_workers,
-                    progress=not args.quiet,
-                )
-            except ImportError as error:
-                needs = f"train_predet.py needs it for the query boxes of --losses {args.losses}"
-                raise SystemExit(f"{error} ({needs})") from None
-            except ImageDecodeError as error:
-                raise SystemExit(f"{error}; pass --verify-images --skip-bad-rows to skip undecodable images") from None
-    if dist_info.distributed:
-        dist.barrier()
+    work = dict(num_workers=args.proposal_workers, dist_info=dist_info, progress=not args.quiet)
     try:
-        return ProposalCache(path, image_paths=images.image_paths)
-    except ValueError as error:
-        raise SystemExit(f"{error}; or pass --proposals NEW_FILE") from None
+        settings = resolve_settings(path, settings_overrides(args))
+        if isinstance(source, LabelledImages):
+            run = compute_proposal_cache(source, path, settings=settings, shard_size=args.proposal_shard_size, **work)
+        else:
+            run = compute_tar_proposal_cache(source, path, settings=settings, **work)
+    except ImportError as error:
+        needs = f"train_predet.py needs it for the query boxes of --losses {args.losses}"
+        raise SystemExit(f"{error} ({needs})") from None
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(str(error)) from None
+    return run.cache, run.skipped
 
 
-class ClearErrors(torch.utils.data.Dataset):
-    """``LabelledImageDataset`` whose decode errors say which flags skip such files (they name the file already)."""
+def check_image_files(args, images: LabelledImages, dist_info: engine.DistInfo) -> dict:
+    """Without queries there is no EdgeBoxes pass to look at every image: check that each file exists (decode it
+    with --verify-images), the rows shared by every rank. Returns the bad rows (row -> reason)."""
+    status = labelled_images.image_status(
+        images,
+        decode=args.verify_images,
+        num_workers=args.proposal_workers,
+        dist_info=dist_info,
+        progress=not args.quiet,
+    )
+    return {int(i): labelled_images.STATUS_REASONS[status[i]] for i in np.flatnonzero(status)}
 
-    def __init__(self, images: LabelledImages) -> None:
-        self.base = LabelledImageDataset(images)
+
+def usable_rows(args, images: LabelledImages, bad: dict) -> np.ndarray | None:
+    """The rows training draws from: all (None) when no image is bad, else the good ones with --skip-bad-rows; without
+    it the first bad image stops the run, named with its reason and the flag."""
+    if not bad:
+        return None
+    if not args.skip_bad_rows:
+        row = min(bad)
+        raise SystemExit(
+            f"{images.path(row)}: {bad[row]} (row {row}; {len(bad)} bad images in all); replace or remove it, or pass "
+            "--skip-bad-rows to skip such images and count them"
+        )
+    keep = np.ones(len(images), dtype=bool)
+    keep[list(bad)] = False
+    if not keep.any():
+        raise SystemExit(f"{images.source}: no image is usable ({len(bad)} bad: {dict(Counter(bad.values()))})")
+    return np.flatnonzero(keep)
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """The usable rows of a LabelledImages as a dataset of ``LabelledSample``; a sample's ``index`` stays its row
+    in the LabelledImages, the proposal cache's row. A file that fails to decode here (one that broke after the
+    checks) names the flags that skip such files."""
+
+    def __init__(self, images: LabelledImages, rows: np.ndarray | None) -> None:
+        self.base, self.rows = LabelledImageDataset(images), rows
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(self.base) if self.rows is None else len(self.rows)
 
     def __getitem__(self, index: int) -> LabelledSample:
+        row = index if self.rows is None else int(self.rows[index])
         try:
-            return self.base[index]
+            return self.base[row]
         except (ImageDecodeError, FileNotFoundError) as error:
             raise ImageDecodeError(
                 f"{error}. Restart with --verify-images --skip-bad-rows (and --resume auto) to drop such files"
@@ -299,6 +365,71 @@ class ViewsWithoutQueries:
     def __call__(self, sample: LabelledSample, *, generator: torch.Generator) -> PreDetSample:
         views = two_views(sample.image, torch.zeros(0, 4), generator=generator, settings=self.settings)
         return PreDetSample(views=views, labels=sample.labels, index=sample.index)
+
+
+class TrainData(NamedTuple):
+    """What the data section hands to the rest of ``main``, whichever the source."""
+
+    num_classes: int
+    summary: str  # for the log and the model card
+    proposals: ProposalCache | None
+    make_views: PreDetViews | ViewsWithoutQueries
+    images: TrainImages | None  # files: the usable rows
+    shards: list[str] | None  # tar shards: their URLs
+    class_names: tuple[str, ...]
+
+
+def image_file_data(args, losses, view_settings: ViewSettings, dist_info: engine.DistInfo) -> TrainData:
+    """A label file, a COCO/LVIS json, class folders or the embedded default: every image is looked at once before
+    training, the work shared by every rank (the EdgeBoxes pass, or a file check for --losses cls), and the bad
+    ones stop the run or, with --skip-bad-rows, are left out and counted."""
+    images = read_labelled_images(args)
+    if QUERY_LOSSES & set(losses):
+        proposals, skipped = prepare_proposals(args, images, dist_info)
+        bad = {entry["row"]: entry["reason"] for entry in skipped}
+        make_views = PreDetViews(proposals, settings=view_settings)
+    else:
+        proposals, bad = None, check_image_files(args, images, dist_info)
+        make_views = ViewsWithoutQueries(view_settings)
+    summary = images.summary()
+    if bad:
+        summary += f"; skipped {len(bad)} bad images: {dict(sorted(Counter(bad.values()).items()))}"
+    return TrainData(
+        num_classes=images.num_classes,
+        summary=summary,
+        proposals=proposals,
+        make_views=make_views,
+        images=TrainImages(images, usable_rows(args, images, bad)),
+        shards=None,
+        class_names=images.class_names,
+    )
+
+
+def tar_shard_data(args, losses, view_settings: ViewSettings, dist_info: engine.DistInfo) -> TrainData:
+    """WebDataset tar shards: the EdgeBoxes cache holds one shard per tar (computed by every rank, a tar at a time);
+    bad samples are skipped and reported by the stream itself (``detpretrain.data.tar_shards``)."""
+    try:
+        shards = tar_shards.expand_shard_urls(args.train_shards)
+        class_names = tar_shards.load_class_names(args.class_names)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        raise SystemExit(str(error)) from None
+    proposals, skipped = None, []
+    make_views: PreDetViews | ViewsWithoutQueries = ViewsWithoutQueries(view_settings)
+    if QUERY_LOSSES & set(losses):
+        proposals, skipped = prepare_proposals(args, shards, dist_info)
+        make_views = PreDetViews(proposals, settings=view_settings)
+    summary = f"{len(shards)} tar shards from {args.train_shards}, {len(class_names)} classes from {args.class_names}"
+    if skipped:
+        summary += f"; {len(skipped)} samples without a usable image (listed in {proposals.path / 'skipped.jsonl'})"
+    return TrainData(
+        num_classes=len(class_names),
+        summary=summary,
+        proposals=proposals,
+        make_views=make_views,
+        images=None,
+        shards=shards,
+        class_names=class_names,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- optimizer
@@ -319,7 +450,7 @@ def main(args: argparse.Namespace) -> Path:
     check_args(args)
     losses = parse_losses(args.losses)
     config = predet_config(args.predet_config)
-    dist_info = engine.setup_distributed(args.device)
+    dist_info = engine.setup_distributed(args.device, timeout_minutes=args.dist_timeout)
     engine.seed_everything(args.seed, rank=dist_info.rank, deterministic=args.deterministic)
     device = dist_info.device
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -329,18 +460,15 @@ def main(args: argparse.Namespace) -> Path:
     milestones = lr_milestones(args)
 
     # ----------------------------------------------------------------------------------------------------- data
-    images = prepare_images(args, dist_info)
     view_settings = ViewSettings(output_size=args.view_size, num_queries=args.num_queries)
-    proposals = None
-    if QUERY_LOSSES & set(losses):
-        proposals = prepare_proposals(args, images, dist_info)
-        make_views = PreDetViews(proposals, settings=view_settings)
-    else:
-        make_views = ViewsWithoutQueries(view_settings)
+    read_data = tar_shard_data if args.train_shards is not None else image_file_data
+    data = read_data(args, losses, view_settings, dist_info)
+    if dist_info.is_main:
+        print(data.summary)
 
     # ---------------------------------------------------------------------------------------------------- model
     model = create_predet(
-        args.model, num_classes=images.num_classes, losses=losses, config=config, fpn_channels=args.fpn_channels
+        args.model, num_classes=data.num_classes, losses=losses, config=config, fpn_channels=args.fpn_channels
     )
     memory_format = engine.memory_format(device)
     model = model.to(device, memory_format=memory_format)
@@ -349,12 +477,13 @@ def main(args: argparse.Namespace) -> Path:
     scaler = engine.make_grad_scaler(device, amp=args.amp)
 
     # --------------------------------------------------------------------------------------------------- resume
-    start_step = 0
+    start_step, checkpoint = 0, {}
     checkpoint_path = args.output_dir / engine.CHECKPOINT_NAME
     resume_from = engine.resolve_resume(args.resume, output_dir=args.output_dir)
     if resume_from is not None:
+        checkpoint = engine.load_checkpoint(resume_from)
         start_step = engine.restore_training_state(
-            engine.load_checkpoint(resume_from),
+            checkpoint,
             model=model,
             optimizer=optimizer,
             scaler=scaler,
@@ -367,25 +496,49 @@ def main(args: argparse.Namespace) -> Path:
     ddp_model = engine.wrap_ddp(model, dist_info)
 
     # Both views of an image come from one sample, so they always stay on one rank (§3.3, PAPER_NOTES "Views").
-    sampler = engine.StepBatchSampler(
-        dataset_size=len(images),
-        batch_size=images_per_batch(args.batch_size),
-        seed=args.seed,
-        start_step=start_step,
-        total_steps=args.iters,
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
-        accum_steps=args.accum_steps,
-    )
-    loader = engine.make_loader(
-        engine.StepSeededDataset(ClearErrors(images), transform=make_views, seed=args.seed),
-        batch_sampler=sampler,
-        num_workers=args.num_workers,
-        seed=args.seed,
-        collate_fn=collate_two_views,
-        pin_memory=device.type == "cuda",
-    )
-    batches = iter(loader)
+    stream = None
+    if data.shards is not None:
+        # A stream resumes from the position its checkpoint recorded (every rank's), exactly.
+        try:
+            stream = tar_shards.TarShardStream(
+                data.shards,
+                class_names=data.class_names,
+                transform=data.make_views,
+                collate_fn=collate_two_views,
+                images_per_batch=images_per_batch(args.batch_size),
+                seed=args.seed,
+                num_workers=args.num_workers,
+                rank=dist_info.rank,
+                world_size=dist_info.world_size,
+                accum_steps=args.accum_steps,
+                shuffle_buffer=args.shuffle_buffer,
+                start_step=start_step,
+                resume_state=checkpoint.get("tar_shards"),
+                pin_memory=device.type == "cuda",
+            )
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+        batches = iter(stream)
+    else:
+        sampler = engine.StepBatchSampler(
+            dataset_size=len(data.images),
+            batch_size=images_per_batch(args.batch_size),
+            seed=args.seed,
+            start_step=start_step,
+            total_steps=args.iters,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            accum_steps=args.accum_steps,
+        )
+        loader = engine.make_loader(
+            engine.StepSeededDataset(data.images, transform=data.make_views, seed=args.seed),
+            batch_sampler=sampler,
+            num_workers=args.num_workers,
+            seed=args.seed,
+            collate_fn=collate_two_views,
+            pin_memory=device.type == "cuda",
+        )
+        batches = iter(loader)
 
     def compute_losses(batch) -> dict[str, torch.Tensor]:
         images = batch.images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
@@ -431,7 +584,12 @@ def main(args: argparse.Namespace) -> Path:
                 max_grad_norm=args.clip_grad,
                 checkpoint_path=checkpoint_path,
             )
-            logger.log(step, lr=lr, stats=stats)
+            extra = {}
+            if stream is not None:
+                for record in stream.take_skipped():  # each bad sample is named once, by the rank that met it
+                    print(f"rank {dist_info.rank}: skipped {record.describe()}", file=sys.stderr)
+                extra["skipped_samples"] = sum(stream.skipped.values())  # this rank's, so far
+            logger.log(step, lr=lr, stats=stats, **extra)
             if (step + 1) % args.save_every == 0 or step + 1 == args.iters:
                 state = engine.training_state(
                     model=ddp_model,
@@ -441,6 +599,8 @@ def main(args: argparse.Namespace) -> Path:
                     args=vars(args),
                     global_batch_size=global_batch,
                     dist_info=dist_info,
+                    # Every rank's stream position (a collective): the resumed stream yields the same batches.
+                    extra={"tar_shards": stream.all_ranks_state_dict()} if stream is not None else None,
                 )
                 if dist_info.is_main:
                     engine.save_checkpoint(checkpoint_path, state)
@@ -452,16 +612,14 @@ def main(args: argparse.Namespace) -> Path:
         extra = {} if args.no_export_fpn else {"fpn": model.fpn.fpn.state_dict()}
         if args.export_heads:
             extra["heads"] = {k: v for k, v in model.state_dict().items() if not k.startswith("fpn.")}
-        card = model_card_fields(
-            args, model, images, proposals, losses=losses, global_batch=global_batch, peak_lr=peak_lr
-        )
+        card = model_card_fields(args, model, data, losses=losses, global_batch=global_batch, peak_lr=peak_lr)
         detpretrain.save_pretrained(
             model.body,
             export_dir,
             arch=args.model,
             tag=args.tag,
             license=args.license,
-            data=images.summary(),
+            data=data.summary,
             paper=PREDET_PAPER,
             datasets=[],  # a Hub dataset id is only known for the zoo's own rows
             extra_state_dicts=extra,
@@ -486,7 +644,7 @@ def config_provenance() -> dict[str, str]:
     return notes
 
 
-def model_card_fields(args, model: PreDet, images, proposals, *, losses, global_batch: int, peak_lr: float) -> dict:
+def model_card_fields(args, model: PreDet, data: TrainData, *, losses, global_batch: int, peak_lr: float) -> dict:
     """Every choice of this run for the model card: what the paper fixes, what detectron2 defaults, what we chose."""
     milestones = lr_milestones(args)
     no_crpn = "crpn" not in losses and bool({"info", "croi_reg"} & set(losses))
@@ -495,7 +653,7 @@ def model_card_fields(args, model: PreDet, images, proposals, *, losses, global_
         "method": "PreDet pre-training (predet.txt §3): " + " + ".join(f"L_{name}" for name in losses),
         "losses": f"{','.join(losses)} (all four is the paper's; subsets are Tab. 1 ablations"
         + ("; without crpn the CROI head trains on random boxes around the queries, §5.1)" if no_crpn else ")"),
-        "classes": f"{images.num_classes} image-level classes; L_cls is the softmax cross-entropy against the k-hot "
+        "classes": f"{data.num_classes} image-level classes; L_cls is the softmax cross-entropy against the k-hot "
         "target normalized to 1/k (Mahajan et al., the paper's [34]), on every FPN level (a shared GAP + linear head), "
         "averaged over levels and over both views",
         "views": f"two MoCo-v2 views at {args.view_size}x{args.view_size} (§4.1: 480) in one backbone batch; "
@@ -517,8 +675,8 @@ def model_card_fields(args, model: PreDet, images, proposals, *, losses, global_
         "fpn": f"torchvision FeaturePyramidNetwork, {args.fpn_channels} channels, P2-P6 (P6 max-pooled)"
         + ("" if args.no_export_fpn else "; exported as fpn.safetensors for finetune.py"),
     }
-    if proposals is not None:
-        settings = proposals.settings
+    if data.proposals is not None:
+        settings = data.proposals.settings
         edge_note = (
             "structured edges (Dollár & Zitnick), as EdgeBoxes [69]"
             if settings["edge_source"] == "structured"

@@ -171,11 +171,15 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def cores_per_local_rank() -> int:
+    """The cores of this node shared among its local ranks (torchrun's LOCAL_WORLD_SIZE), at least one."""
+    return max(1, available_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def default_num_workers() -> int:
-    """Data-loader workers per process by default: the cores of this node shared among its local ranks
-    (torchrun's LOCAL_WORLD_SIZE), one left for the process itself, at least one."""
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, available_cores() // max(1, local_ranks) - 1)
+    """Data-loader workers per process by default: this rank's share of the node's cores, one left for the process
+    itself (it feeds the device and runs the step), at least one."""
+    return max(1, cores_per_local_rank() - 1)
 
 
 def cleanup_distributed() -> None:

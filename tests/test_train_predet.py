@@ -2,6 +2,7 @@
 finetune.py's detector, resume is exact, DDP runs, and bad input (no OpenCV, empty label sets, corrupt images) gets
 its message."""
 
+import io
 import json
 import math
 import os
@@ -14,9 +15,11 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from PIL import Image
 
 import train_predet
-from detpretrain import engine
+from detpretrain import engine, proposals
+from detpretrain.data.labelled_images import from_coco
 from detpretrain.detection.detectors import build_detector
 from detpretrain.detection.protocols import PROTOCOLS
 from detpretrain.predet.model import LOSS_KEYS
@@ -42,7 +45,7 @@ def coco128_proposals(tmp_path_factory, coco128):
     path = tmp_path_factory.mktemp("proposals") / "coco128.edgeboxes"
     args = train_predet.get_args_parser().parse_args([*TINY, *coco128_flags(coco128), "--proposals", str(path)])
     images = train_predet.read_labelled_images(args)
-    train_predet.compute_proposal_cache(images.image_paths, path, num_workers=2)
+    train_predet.compute_proposal_cache(images, path, num_workers=2)
     return path
 
 
@@ -143,6 +146,63 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch, coco128, 
     assert [[r[k] for k in loss_keys] for r in log_rows(reference.parent)] == [
         [r[k] for k in loss_keys] for r in log_rows(resumed.parent)
     ]
+
+
+@pytest.fixture(scope="module")
+def coco128_tar_shards(tmp_path_factory, coco128):
+    """24 coco128 photos (long side shrunk to 160 px) as 4 WebDataset tar shards, an image and a .json with its
+    COCO category names per sample, and the class list."""
+    webdataset = pytest.importorskip("webdataset")
+    images = from_coco(coco128 / "annotations/instances_train2017.json", coco128 / "images", on_bad_row="skip")
+    root = tmp_path_factory.mktemp("tar_shards")
+    for shard in range(4):
+        with webdataset.TarWriter(str(root / f"train-{shard:06d}.tar")) as writer:
+            for i in range(6 * shard, 6 * shard + 6):
+                with Image.open(images.path(i)) as image:
+                    image = image.convert("RGB")
+                    image.thumbnail((160, 160))
+                    encoded = io.BytesIO()
+                    image.save(encoded, format="JPEG", quality=90)
+                writer.write(
+                    {"__key__": f"img{i:04d}", "jpg": encoded.getvalue(), "json": {"labels": images.label_names(i)}}
+                )
+    (root / "classes.txt").write_text("".join(name + "\n" for name in images.class_names))
+    return root
+
+
+def test_tar_shards_train_and_resume_exactly(tmp_path, monkeypatch, coco128_tar_shards):
+    """WebDataset shards streamed with two workers, the EdgeBoxes cache keyed by tar: killed after the step-4
+    checkpoint and resumed, the run ends as the uninterrupted one did."""
+    common = ["--train-shards", str(coco128_tar_shards), "--class-names", str(coco128_tar_shards / "classes.txt")]
+    common += ["--num-workers", "2", "--edge-image-size", "160", "--iters", "7", "--warmup-iters", "2"]
+    common += ["--batch-size", "4", "--save-every", "2", "--log-every", "1", "--lr", "1.0"]
+    common += ["--proposals", str(tmp_path / "shards.edgeboxes")]
+    reference = run(tmp_path, *common, name="reference")
+    cache = proposals.ProposalCache(tmp_path / "shards.edgeboxes")
+    assert cache.layout == {"kind": "tars", "tars": [f"train-{k:06d}.tar" for k in range(4)]}
+    assert cache.shard(2).names() == [f"img{i:04d}" for i in range(12, 18)]
+
+    real_train_step = engine.train_step
+
+    def crash_at_step_5(**kwargs):
+        if kwargs["step"] == 5:
+            raise Crash("simulated kill")
+        return real_train_step(**kwargs)
+
+    monkeypatch.setattr(engine, "train_step", crash_at_step_5)
+    with pytest.raises(Crash):
+        run(tmp_path, *common, name="resumed")
+    monkeypatch.setattr(engine, "train_step", real_train_step)
+    resumed = run(tmp_path, *common, "--resume", "auto", name="resumed")
+
+    a = safetensors.torch.load_file(reference / "model.safetensors")
+    b = safetensors.torch.load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    loss_keys = sorted(LOSS_TERMS | {"loss"})
+    assert [[r[k] for k in loss_keys] for r in log_rows(reference.parent)] == [
+        [r[k] for k in loss_keys] for r in log_rows(resumed.parent)
+    ]
+    assert "4 tar shards" in (reference / "README.md").read_text()
 
 
 @pytest.mark.parametrize("losses", ["cls,info,croi_reg", "crpn,info,croi_reg", "cls"])
@@ -248,15 +308,53 @@ def labelled_folder_with_a_corrupt_image(tmp_path, coco128):
 
 
 def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path, labelled_folder_with_a_corrupt_image, capsys):
+    """The EdgeBoxes pass decodes every image: the corrupt one is named with its reason, or left out and counted."""
     folder, labels, corrupt = labelled_folder_with_a_corrupt_image
     data = ["--train-images", str(folder), "--train-ann", str(labels), "--iters", "2", "--warmup-iters", "1"]
-    with pytest.raises(SystemExit, match="--verify-images --skip-bad-rows") as error:
+    with pytest.raises(SystemExit, match="undecodable image .*--skip-bad-rows") as error:
         run(tmp_path, *data, name="fails")
     assert str(corrupt) in str(error.value)
+    # The cache was kept: the second run reuses it and trains on the six good photos.
+    export = run(tmp_path, *data, "--skip-bad-rows", "--batch-size", "4", name="fails")
+    out = capsys.readouterr().out
+    assert "7 images, 2 classes" in out and "skipped 1 bad images: {'undecodable image': 1}" in out
+    assert "skipped 1 bad images" in (export / "README.md").read_text()
+    report = (export.parent / "proposals.edgeboxes" / "skipped.jsonl").read_text()
+    assert json.loads(report) == {"shard": 0, "row": 6, "image": "corrupt.jpg", "reason": "undecodable image"}
 
-    export = run(tmp_path, *data, "--verify-images", "--skip-bad-rows", "--batch-size", "4", name="skips")
-    assert "6 images, 2 classes" in capsys.readouterr().out
-    assert "skipped 1 rows: {'undecodable image': 1}" in (export / "README.md").read_text()
+
+def test_classification_alone_checks_that_files_exist(tmp_path, labelled_folder_with_a_corrupt_image):
+    """No EdgeBoxes pass with --losses cls: a missing file is found by the existence check before training, a
+    corrupt one by --verify-images."""
+    folder, labels, corrupt = labelled_folder_with_a_corrupt_image
+    data = ["--train-images", str(folder), "--train-ann", str(labels), "--losses", "cls", "--iters", "2"]
+    data += ["--warmup-iters", "1", "--batch-size", "4"]
+    with pytest.raises(SystemExit, match="undecodable image .*--skip-bad-rows"):
+        run(tmp_path, *data, "--verify-images", name="verify")
+    corrupt.unlink()
+    with pytest.raises(SystemExit, match=f"{corrupt}: missing file"):
+        run(tmp_path, *data, name="missing")
+    run(tmp_path, *data, "--skip-bad-rows", name="skips")
+
+
+def test_a_cache_built_with_other_settings_is_used_as_it_is(tmp_path, labelled_folder_with_a_corrupt_image, capsys):
+    """Settings travel with the cache: no flag is needed to use one built with non-default settings, and only a flag
+    that contradicts it is refused, naming the field."""
+    folder, labels, corrupt = labelled_folder_with_a_corrupt_image
+    corrupt.unlink()
+    labels.write_text("".join(line + "\n" for line in labels.read_text().splitlines() if corrupt.name not in line))
+    cache = tmp_path / "custom.edgeboxes"
+    data = ["--train-images", str(folder), "--train-ann", str(labels)]
+    proposals.main([*data, "--output", str(cache), "--num-workers", "0", "--edge-max-boxes", "50"])
+    assert json.loads(capsys.readouterr().out)["shards_computed"] == 1
+    proposals.main([*data, "--output", str(cache), "--num-workers", "0", "--edge-alpha", "0.5"])  # agrees: kept
+    report = json.loads(capsys.readouterr().out)
+    assert (report["shards_kept"], report["shards_computed"], report["settings"]["max_boxes"]) == (1, 0, 50)
+    flags = [*data, "--proposals", str(cache), "--iters", "2", "--warmup-iters", "1", "--batch-size", "4"]
+    export = run(tmp_path, *flags, name="used")
+    assert '"max_boxes": 50' in (export / "README.md").read_text()
+    with pytest.raises(SystemExit, match=r"computed with max_boxes=50, but --edge-max-boxes 100 was passed"):
+        run(tmp_path, *flags, "--edge-max-boxes", "100", name="refused")
 
 
 def test_settings_are_checked_before_any_work(tmp_path):
