@@ -9,6 +9,11 @@ The defaults are the paper's recipe (§4.1): 64k iterations of 512 assembled ima
 from 0.2 to 0.8 over 1250 iterations then cosine to 0, weight decay 1e-4, ERF weights refreshed every 5k
 iterations with threshold 0.7. The paper does not name its optimizer: SGD with momentum 0.9 is our choice.
 
+Sample extraction is shared by every rank of every node and by --extract-workers processes in each, shard by shard
+(detpretrain.sharding): a killed run continues where it stopped, an image that cannot be decoded is skipped and
+named in SAMPLES/skipped.jsonl, and the samples are the same whatever the world size. A finished sample directory
+is reused by any later run with the same data and settings.
+
     # the paper's setting: 8 GPUs x 64 assembled images
     torchrun --nproc_per_node=8 train_jigsaw.py --model resnet50 \\
         --train-images coco/train2017 --train-ann coco/annotations/instances_train2017.json --output-dir out/r50
@@ -16,20 +21,25 @@ iterations with threshold 0.7. The paper does not name its optimizer: SGD with m
     python train_jigsaw.py --model resnet50 --batch-size 64 --accum-steps 8 --train-images ... --output-dir ...
     # a smaller global batch instead: the lr is scaled linearly (lr x global batch / 512), say so in your report
     python train_jigsaw.py --model resnet50 --batch-size 128 --train-images ... --output-dir ...
+    # extract the samples beforehand on a CPU cluster (N nodes, one rank each, 32 processes per node), on a
+    # filesystem every node and the training job share; then train with --samples /shared/samples.jigsaw
+    torchrun --nnodes N --nproc_per_node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29400 train_jigsaw.py \\
+        --extract-only --device cpu --extract-workers 32 --train-images coco/train2017 \\
+        --train-ann coco/annotations/instances_train2017.json --samples /shared/samples.jigsaw
     # CPU smoke run on the embedded default dataset (no data flags)
     python train_jigsaw.py --model resnet18 --template tiny96 --iters 30 --warmup-iters 5 --batch-size 8 --device cpu
 
-Outputs in --output-dir: samples.jigsaw (the extracted samples, reused on resume), args.json, log.jsonl,
-checkpoint.pth (resume with --resume auto), export/ (model.safetensors, config.json, README.md: load it with
-timm.create_model(ARCH, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=".../model.safetensors"))
-or finetune.py --backbone-weights OUT/export), and with --visualize N, visualize/*.png.
+Outputs in --output-dir: samples.jigsaw/ (the extracted samples, unless --samples puts them elsewhere: shards,
+manifest.json, skipped.jsonl), args.json, log.jsonl, checkpoint.pth (resume with --resume auto), export/
+(model.safetensors, config.json, README.md: load it with timm.create_model(ARCH, pretrained=True, num_classes=0,
+pretrained_cfg_overlay=dict(file=".../model.safetensors")) or finetune.py --backbone-weights OUT/export), and with
+--visualize N, visualize/*.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import timm
@@ -41,12 +51,15 @@ from detpretrain import engine
 from detpretrain.data.detection import DatasetError
 from detpretrain.data.synthetic import synthetic_coco
 from detpretrain.jigsaw import (
+    DEFAULT_SHARD_SIZE,
     FIT_MODES,
     JIGSAW_TEMPLATES,
     REGION_NAMES,
+    SKIPPED_NAME,
     JigsawClassifier,
-    JigsawSampleFile,
+    JigsawSamples,
     JigsawTemplate,
+    SampleDirError,
     coco_image_records,
     compute_erf,
     erf_label_weights,
@@ -66,6 +79,8 @@ from detpretrain.zoo import JIGSAW_PAPER
 CLASSIFICATIONS = ("erf_dense", "blockwise", "global")
 PAPER_GLOBAL_BATCH = 512  # assembled images per step in §4.1; the lr values below are for this batch
 ERF_STREAM = 0xE5F  # seeds the fixed batch of assembled images the ERF is measured on (our choice)
+# How the samples are extracted, not what they are (the sample directory's manifest checks that): free on resume.
+RESUME_IGNORE = engine.DEFAULT_RESUME_IGNORE | {"extract_workers", "extract_only"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -76,11 +91,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-ann", type=Path, help="COCO instances json")
     data.add_argument("--voc-root", type=Path, help="VOCdevkit directory (with --format voc)")
     data.add_argument("--train-sets", default="2007-trainval,2012-trainval", help="VOC image sets, year-split")
-    data.add_argument("--samples", type=Path, help="sample file to write or reuse; default OUTPUT_DIR/samples.jigsaw")
+    data.add_argument(
+        "--samples", type=Path, help="sample directory to write, continue or reuse; default OUTPUT_DIR/samples.jigsaw"
+    )
     data.add_argument("--max-enlarge", type=float, default=2.0, help="positives grow up to this x (§3.1: 2)")
     data.add_argument("--pos-neg-ratio", type=float, default=10.0, help="positives per negative (§3.1: 10)")
     data.add_argument("--min-sample-size", type=int, default=8, help="drop samples with a side below this (px)")
-    data.add_argument("--extract-workers", type=int, default=4, help="processes that cut the samples out")
+    data.add_argument(
+        "--extract-workers",
+        type=int,
+        default=engine.cores_per_local_rank(),
+        help="processes per rank that cut the samples out (default: this rank's share of the node's cores)",
+    )
+    data.add_argument(
+        "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per sample shard (the unit of resume)"
+    )
+    data.add_argument("--extract-only", action="store_true", help="extract the samples (under torchrun too), then exit")
 
     jigsaw = parser.add_argument_group("Jigsaw assembly (§3.2) and classification (§3.3)")
     jigsaw.add_argument("--template", default="split96", choices=sorted(JIGSAW_TEMPLATES), help="region sizes")
@@ -113,7 +139,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     run.add_argument("--amp", default="bf16", choices=["off", "bf16"], help="autocast on CUDA (ignored on CPU)")
     run.add_argument(
-        "--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loader processes per process"
+        "--num-workers",
+        type=int,
+        default=engine.default_num_workers(),
+        help="data-loader processes per process (default: this rank's share of the node's cores, less one)",
+    )
+    run.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=engine.DEFAULT_DIST_TIMEOUT_MINUTES,
+        help="minutes a rank waits for the others at a collective (torchrun)",
     )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
@@ -151,49 +186,40 @@ def load_records(args: argparse.Namespace):
         raise SystemExit(str(err)) from None
 
 
-def prepare_samples(args: argparse.Namespace, dist_info: engine.DistInfo) -> tuple[JigsawSampleFile, str]:
-    """Extract the samples once (§3.1) on rank 0, or reuse the file when it was made with the same settings."""
-    path = args.samples or args.output_dir / "samples.jigsaw"
-    settings = {
-        "seed": args.seed,
-        "max_enlarge": args.max_enlarge,
-        "positives_per_negative": args.pos_neg_ratio,
-        "min_sample_size": args.min_sample_size,
-    }
+def prepare_samples(args: argparse.Namespace, dist_info: engine.DistInfo) -> tuple[JigsawSamples, str]:
+    """Extract the samples (§3.1) with every rank and its --extract-workers, continue a killed extraction, or reuse a
+    finished one made from the same images with the same settings; every rank reads the records itself (seconds)."""
+    records, description = load_records(args)
+    directory = args.samples or args.output_dir / "samples.jigsaw"
+    if dist_info.is_main and records.cleaning_report is not None:
+        # What loading clipped, dropped and kept, as finetune.py's datasets count it (also in the manifest).
+        print(
+            f"loaded {len(records.records)} images from {description}; cleaning: {json.dumps(records.cleaning_report)}",
+            flush=True,
+        )
+    try:
+        stats = extract_samples(
+            records.records,
+            class_names=records.class_names,
+            category_ids=records.category_ids,
+            cleaning_report=records.cleaning_report,
+            output_dir=directory,
+            seed=args.seed,
+            max_enlarge=args.max_enlarge,
+            positives_per_negative=args.pos_neg_ratio,
+            min_sample_size=args.min_sample_size,
+            shard_size=args.shard_size,
+            num_workers=args.extract_workers,
+            dist_info=dist_info,
+            progress=dist_info.is_main and not args.quiet,
+        )
+        samples = JigsawSamples(directory)
+    except SampleDirError as err:
+        raise SystemExit(f"{err} (--samples DIR)") from None
     if dist_info.is_main:
-        records, description = load_records(args)
-        if records.cleaning_report is not None:
-            # What loading clipped, dropped and kept, as finetune.py's datasets count it (also in the sample file).
-            print(
-                f"loaded {len(records.records)} images from {description}; cleaning: "
-                f"{json.dumps(records.cleaning_report)}",
-                flush=True,
-            )
-        file_names = [r.file_name for r in records.records]
-        if path.is_file():
-            header = JigsawSampleFile(path).header
-            made_with = {k: header["extraction"][k] for k in settings}
-            if made_with != settings or header["images"]["file_names"] != file_names:
-                raise SystemExit(
-                    f"{path} holds samples of other images or settings ({made_with}); delete it, or pass "
-                    "--samples NEW_FILE to extract again"
-                )
-        else:
-            stats = extract_samples(
-                records.records,
-                class_names=records.class_names,
-                category_ids=records.category_ids,
-                cleaning_report=records.cleaning_report,
-                output_path=path,
-                num_workers=args.extract_workers,
-                progress=not args.quiet,
-                **settings,
-            )
-            print(f"extracted samples into {path}: {json.dumps(stats)}")
-        (args.output_dir / "dataset.txt").write_text(description + "\n")
-    if dist_info.distributed:
-        dist.barrier()
-    return JigsawSampleFile(path), (args.output_dir / "dataset.txt").read_text().strip()
+        skipped = f", listed in {directory / SKIPPED_NAME}" if stats["skipped_images"] else ""
+        print(f"samples in {directory}: {json.dumps(stats)}{skipped}", flush=True)
+    return samples, description
 
 
 class AssembledImages(torch.utils.data.Dataset):
@@ -203,7 +229,7 @@ class AssembledImages(torch.utils.data.Dataset):
     tells the engine which seed to use; the dataset's length is the number of samples.
     """
 
-    def __init__(self, samples: JigsawSampleFile, *, template: JigsawTemplate, args: argparse.Namespace):
+    def __init__(self, samples: JigsawSamples, *, template: JigsawTemplate, args: argparse.Namespace):
         self.samples, self.template = samples, template
         self.options = dict(scale_range=tuple(args.scale_range), flip_prob=args.flip_prob, fit=args.fit)
 
@@ -257,10 +283,15 @@ def save_top_left_erf(model, erf_images_uint8, erf_images, *, template, path: Pa
 
 # ------------------------------------------------------------------------------------------------------------ main
 def main(args: argparse.Namespace) -> Path:
+    """Train and export; returns the export folder (with --extract-only: the sample directory)."""
     # ---------------------------------------------------------------------------------------------------- setup
     if not 0 <= args.warmup_iters < args.iters:
         raise SystemExit(f"--warmup-iters {args.warmup_iters} must be below --iters {args.iters}: pass a shorter one")
-    dist_info = engine.setup_distributed(args.device)
+    dist_info = engine.setup_distributed(args.device, timeout_minutes=args.dist_timeout)
+    if args.extract_only:  # before any model: a CPU cluster can precompute the samples for a GPU job
+        samples, _ = prepare_samples(args, dist_info)
+        engine.cleanup_distributed()
+        return samples.path
     engine.seed_everything(args.seed, rank=dist_info.rank, deterministic=args.deterministic)
     device = dist_info.device
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -307,6 +338,7 @@ def main(args: argparse.Namespace) -> Path:
             args=vars(args),
             global_batch_size=global_batch,
             dist_info=dist_info,
+            ignore_args=RESUME_IGNORE,
         )
         # The weights of the last refresh: a resume between refreshes must not recompute them from a later model.
         label_weights = checkpoint["erf_label_weights"].to(device)
@@ -439,7 +471,7 @@ def main(args: argparse.Namespace) -> Path:
     return export_dir
 
 
-def model_card_fields(args, samples: JigsawSampleFile, template: JigsawTemplate, *, global_batch, peak_lr, warmup_lr):
+def model_card_fields(args, samples: JigsawSamples, template: JigsawTemplate, *, global_batch, peak_lr, warmup_lr):
     """Every choice of this run, for the model card: what the paper fixes and what we chose (PAPER_NOTES.md)."""
     regions = {
         name: f"{int(b[2] - b[0])}x{int(b[3] - b[1])} (w x h)"

@@ -3,9 +3,11 @@
 Extraction runs on the real coco128 photos (../shared/data/coco128); assembly and Eq. 2 run on hand-built cases.
 """
 
+import dataclasses
 import json
 import math
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -22,11 +24,13 @@ from detpretrain.jigsaw import (
     IMAGENET_STD,
     JIGSAW_TEMPLATES,
     REGION_COLORS,
+    SAMPLE_FORMAT_VERSION,
     ImageRecord,
     JigsawClassifier,
     JigsawSample,
-    JigsawSampleFile,
+    JigsawSamples,
     JigsawTemplate,
+    SampleDirError,
     assemble_jigsaw,
     coco_image_records,
     compute_erf,
@@ -63,9 +67,16 @@ def plan(coco):
 
 
 @pytest.fixture(scope="module")
-def sample_file(coco, tmp_path_factory):
+def sample_dir(coco, tmp_path_factory):
     path = tmp_path_factory.mktemp("samples") / "coco128.jigsaw"
-    stats = extract_samples(coco.records, class_names=coco.class_names, output_path=path, seed=0, num_workers=0)
+    stats = extract_samples(
+        coco.records,
+        class_names=coco.class_names,
+        category_ids=coco.category_ids,
+        cleaning_report=coco.cleaning_report,
+        output_dir=path,
+        shard_size=32,
+    )
     return path, stats
 
 
@@ -254,17 +265,29 @@ def test_plan_is_deterministic_per_seed(coco, plan):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# §3.1 the sample file
+# §3.1 the sample directory
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_sample_file_holds_every_planned_sample(sample_file, plan, coco):
-    path, stats = sample_file
-    samples = JigsawSampleFile(path)
-    assert stats == plan.stats and samples.header["stats"] == plan.stats
-    assert len(samples) == plan.stats["num_positives"] + plan.stats["num_negatives"]
+def directory_files(directory):
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def test_sample_directory_holds_every_planned_sample(sample_dir, plan, coco):
+    path, stats = sample_dir
+    samples = JigsawSamples(path)
+    assert sorted(p.name for p in path.iterdir()) == [
+        "manifest.json",
+        *(f"shard-0000{k}.jigsaw" for k in range(4)),  # 128 images, 32 per shard
+        "skipped.jsonl",
+    ]
+    assert (path / "skipped.jsonl").read_text() == ""  # every coco128 photo decodes
+    no_skips = {"num_samples": 1008, "skipped_images": 0, "skipped_positives": 0, "skipped_negatives": 0}
+    assert stats == samples.header["stats"] == plan.stats | no_skips
+    assert len(samples) == plan.stats["num_positives"] + plan.stats["num_negatives"] == 1008
     assert torch.equal(samples.labels, plan.labels) and torch.equal(samples.boxes, plan.boxes)
-    assert samples.header["format_version"] == 1
+    assert torch.equal(samples.image_index, plan.image_index)
+    assert samples.header["format_version"] == SAMPLE_FORMAT_VERSION
     assert samples.header["extraction"] == {
         "seed": 0,
         "max_enlarge": 2.0,
@@ -272,8 +295,13 @@ def test_sample_file_holds_every_planned_sample(sample_file, plan, coco):
         "min_sample_size": 8,
         "negative_tries": 64,
         "jpeg_quality": 95,
+        "shard_size": 32,
     }
-    assert samples.class_names == coco.class_names
+    assert [s["num_samples"] for s in samples.header["shards"]] == [
+        int(((plan.image_index >= 32 * k) & (plan.image_index < 32 * (k + 1))).sum()) for k in range(4)
+    ]
+    assert samples.class_names == coco.class_names and samples.header["category_ids"] == coco.category_ids
+    assert samples.header["cleaning_report"] == coco.cleaning_report
     for i in [0, 1, len(samples) // 2, len(samples) - 1]:
         sample = samples[i]
         x1, y1, x2, y2 = samples.boxes[i].tolist()
@@ -285,50 +313,85 @@ def test_sample_file_holds_every_planned_sample(sample_file, plan, coco):
     counts = {g: len(samples.group_indices[g]) for g in GROUPS}
     assert sum(counts.values()) == len(samples) and min(counts.values()) > 0
     restored = pickle.loads(pickle.dumps(samples))  # DataLoader workers receive a pickled reader
-    assert torch.equal(restored[3].image, samples[3].image)
+    assert torch.equal(restored[3].image, samples[3].image) and torch.equal(restored[900].image, samples[900].image)
     samples.close()
 
 
-def test_sample_file_is_the_same_for_any_worker_count(coco, tmp_path):
+def test_samples_are_the_same_for_any_worker_count_and_shard_size(coco, tmp_path):
     records = coco.records[:12]
-    kwargs = {"class_names": coco.class_names, "seed": 3}
-    extract_samples(records, output_path=tmp_path / "serial.jigsaw", num_workers=0, **kwargs)
-    extract_samples(records, output_path=tmp_path / "pool.jigsaw", num_workers=2, **kwargs)
-    assert (tmp_path / "serial.jigsaw").read_bytes() == (tmp_path / "pool.jigsaw").read_bytes()
-    extract_samples(records, output_path=tmp_path / "other.jigsaw", class_names=coco.class_names, seed=4)
-    assert (tmp_path / "serial.jigsaw").read_bytes() != (tmp_path / "other.jigsaw").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.jigsaw", "pool.jigsaw", "serial.jigsaw"]
+    kwargs = {"class_names": coco.class_names, "seed": 3, "shard_size": 5}
+    extract_samples(records, output_dir=tmp_path / "serial", num_workers=0, **kwargs)
+    extract_samples(records, output_dir=tmp_path / "pool", num_workers=2, **kwargs)
+    serial = directory_files(tmp_path / "serial")
+    assert serial == directory_files(tmp_path / "pool") and len(serial) == 5  # 3 shards, manifest, report
+    # Other shards, the same samples: shard size cuts the same plan, nothing else.
+    extract_samples(records, output_dir=tmp_path / "one_shard", **{**kwargs, "shard_size": 64})
+    a, b = JigsawSamples(tmp_path / "serial"), JigsawSamples(tmp_path / "one_shard")
+    assert len(a.header["shards"]) == 3 and len(b.header["shards"]) == 1
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.labels, b.labels)
+    assert all(torch.equal(a[i].image, b[i].image) for i in range(len(a)))
+    extract_samples(records, output_dir=tmp_path / "other", **{**kwargs, "seed": 4})
+    assert directory_files(tmp_path / "other") != serial
 
 
-def test_sample_file_rejects_damaged_files(sample_file, tmp_path):
-    data = sample_file[0].read_bytes()
-    (tmp_path / "other").write_bytes(b"PK\x03\x04" + data[4:])
-    with pytest.raises(ValueError, match="not a Jigsaw sample file"):
-        JigsawSampleFile(tmp_path / "other")
-    (tmp_path / "old").write_bytes(data.replace(b'"format_version": 1', b'"format_version": 9', 1))
-    with pytest.raises(ValueError, match="format version 9, this detpretrain reads version 1; extract"):
-        JigsawSampleFile(tmp_path / "old")
-    (tmp_path / "short").write_bytes(data[:-10])
-    with pytest.raises(ValueError, match="truncated"):
-        JigsawSampleFile(tmp_path / "short")
+def test_a_reused_directory_must_hold_the_same_extraction(coco, tmp_path):
+    records, names = coco.records[:12], coco.class_names
+    extract_samples(records, class_names=names, output_dir=tmp_path / "s", shard_size=5)
+    before = directory_files(tmp_path / "s")
+    extract_samples(records, class_names=names, output_dir=tmp_path / "s", shard_size=5)  # the same: reused
+    assert directory_files(tmp_path / "s") == before
+    with pytest.raises(SampleDirError, match=r"s holds samples .*\(seed: 0 there, 1 now\); delete it"):
+        extract_samples(records, class_names=names, output_dir=tmp_path / "s", shard_size=5, seed=1)
+    with pytest.raises(SampleDirError, match=r"12 images there, 11 now"):
+        extract_samples(records[1:], class_names=names, output_dir=tmp_path / "s", shard_size=5)
+    with pytest.raises(SampleDirError, match=r"shard_size: 5 there, 6 now"):
+        extract_samples(records, class_names=names, output_dir=tmp_path / "s", shard_size=6)
+    swapped = [*records[:3], coco.records[20], *records[4:]]
+    with pytest.raises(
+        SampleDirError, match=r"shard-00000\.jigsaw .*\(image 3: 000000000034\.jpg there, 0+\d+\.jpg now\)"
+    ):
+        extract_samples(swapped, class_names=names, output_dir=tmp_path / "s", shard_size=5)
+    # An unfinished directory (no manifest yet) is checked shard by shard.
+    (tmp_path / "s" / "manifest.json").unlink()
+    with pytest.raises(SampleDirError, match=r"shard-00000\.jigsaw was extracted .*image 0: 000000000009\.jpg there, "):
+        extract_samples(records[1:], class_names=names, output_dir=tmp_path / "s", shard_size=5)
+    moved = [dataclasses.replace(r, gt_boxes=r.gt_boxes * 0.5) for r in records]
+    with pytest.raises(SampleDirError, match=r"shard-00000\.jigsaw .*the same images with other annotations"):
+        extract_samples(moved, class_names=names, output_dir=tmp_path / "s", shard_size=5)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(set(before) - {"manifest.json"})
+    (tmp_path / "old.jigsaw").write_bytes(b"DPJIGSW\n")  # a sample file of format version 1
+    with pytest.raises(SampleDirError, match=r"old\.jigsaw is a file \(a sample file of format version 1\?\)"):
+        extract_samples(records, class_names=names, output_dir=tmp_path / "old.jigsaw")
 
 
-def test_extraction_names_a_corrupt_image_and_leaves_no_file(tmp_path):
-    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    record = make_record([[10, 10, 60, 50]], file_name=str(tmp_path / "bad.jpg"))
-    output = tmp_path / "out" / "s.jigsaw"
-    with pytest.raises(ValueError, match=r"bad\.jpg: cannot decode the image"):
-        extract_samples([record], class_names=["background", "thing"], output_path=output)
-    assert not output.exists() and list(output.parent.iterdir()) == []
-    Image.new("RGB", (120, 100)).save(tmp_path / "small.jpg")
-    record = make_record([[10, 10, 60, 50]], file_name=str(tmp_path / "small.jpg"))
-    with pytest.raises(ValueError, match=r"small\.jpg: the image is 120x100 but the annotations say 200x100"):
-        extract_samples([record], class_names=["background", "thing"], output_path=output)
-    with pytest.raises(ValueError, match=r"label 1 is not a known category"):
-        extract_samples([record], class_names=["background"], output_path=output)
-    missing = make_record([[10, 10, 60, 50]], file_name=str(tmp_path / "missing.jpg"))
-    with pytest.raises(FileNotFoundError, match=r"missing\.jpg: image not found"):
-        extract_samples([missing], class_names=["background", "thing"], output_path=output)
+def test_damaged_or_unfinished_directories_are_refused_by_the_reader(sample_dir, tmp_path):
+    source, _ = sample_dir
+    shutil.copytree(source, tmp_path / "s")
+    shard = tmp_path / "s" / "shard-00001.jigsaw"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-10])
+    with pytest.raises(SampleDirError, match=r"shard-00001\.jigsaw: the file size does not match its header"):
+        JigsawSamples(tmp_path / "s")
+    shard.write_bytes(b"PK\x03\x04" + data[4:])
+    with pytest.raises(SampleDirError, match=r"shard-00001\.jigsaw: not a Jigsaw sample shard"):
+        JigsawSamples(tmp_path / "s")
+    shard.write_bytes(data)
+    manifest = tmp_path / "s" / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(text.replace('"format_version": 2', '"format_version": 9', 1))
+    with pytest.raises(SampleDirError, match="format version 9, this detpretrain reads version 2; extract"):
+        JigsawSamples(tmp_path / "s")
+    manifest.unlink()
+    with pytest.raises(SampleDirError, match=r"no manifest\.json, so not a finished Jigsaw sample directory"):
+        JigsawSamples(tmp_path / "s")
+
+
+def test_extraction_rejects_labels_outside_the_class_list(tmp_path):
+    record = make_record([[10, 10, 60, 50]], file_name=str(tmp_path / "a.jpg"))
+    with pytest.raises(ValueError, match=r"a\.jpg: label 1 is not a known category"):
+        extract_samples([record], class_names=["background"], output_dir=tmp_path / "s")
+    with pytest.raises(ValueError, match=r"class_names\[0\] must be 'background'"):
+        extract_samples([record], class_names=["thing", "other"], output_dir=tmp_path / "s")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -429,25 +492,36 @@ def test_flip_mirrors_the_sample():
 
 def test_scaling_keeps_the_aspect_ratio_then_only_pads_or_crops():
     squares, tall, wide = four_samples()
-    for seed in range(5):
+    inputs = [*squares, tall, wide]
+    crop_starts = set()
+    for seed in range(20):
         jigsaw = assemble_jigsaw(
             squares=squares, tall=tall, wide=wide, template=TEMPLATE, generator=torch.Generator().manual_seed(seed)
         )
-        inputs = [*squares, tall, wide]
         for r in range(4):
             sample = inputs[int(jigsaw.input_index[r])]
             scale = float(jigsaw.scales[r])
             assert 0.8 <= scale <= 1.5
-            h, w = sample.image.shape[1:]
-            scaled_h, scaled_w = round(h * scale), round(w * scale)
-            scaled = TF.resize(sample.image, [scaled_h, scaled_w], antialias=True)
-            if jigsaw.flipped[r]:
-                scaled = scaled.flip(-1)
             x1, y1, x2, y2 = jigsaw.content_boxes[r].tolist()
             sx1, sy1, sx2, sy2 = jigsaw.source_boxes[r].tolist()
             rx1, ry1, rx2, ry2 = TEMPLATE.region_boxes()[r].tolist()
-            assert (x2 - x1, y2 - y1) == (min(scaled_w, rx2 - rx1), min(scaled_h, ry2 - ry1))
-            assert torch.equal(jigsaw.image[:, y1:y2, x1:x2], scaled[:, sy1:sy2, sx1:sx2])
+            h, w = sample.image.shape[1:]
+            for length, placed, region, start, stop in (
+                (w, x2 - x1, rx2 - rx1, sx1, sx2),
+                (h, y2 - y1, ry2 - ry1, sy1, sy2),
+            ):
+                assert placed == min(round(length * scale), region)  # padded whole, or cropped to fill the region
+                assert 0 <= start < stop <= length
+                if round(length * scale) <= region:
+                    assert (start, stop) == (0, length)
+                else:  # the cropped window is scaled by r up to rounding (_fit_axis's bound)
+                    assert abs(placed - (stop - start) * scale) <= 0.5 * max(1.0, scale) + 1e-9
+                    crop_starts.add((int(jigsaw.input_index[r]), start))
+            expected = TF.resize(sample.image[:, sy1:sy2, sx1:sx2], [y2 - y1, x2 - x1], antialias=True)
+            if jigsaw.flipped[r]:
+                expected = expected.flip(-1)
+            assert torch.equal(jigsaw.image[:, y1:y2, x1:x2], expected)
+    assert len(crop_starts) > 10  # crops start at random offsets
 
 
 def test_smaller_square_is_decided_after_scaling():
@@ -511,8 +585,8 @@ def test_normalization_after_stitching_turns_padding_into_minus_mean_over_std():
     torch.testing.assert_close(normalized[1, :, 0, 0], torch.tensor(expected_white))
 
 
-def test_sample_jigsaw_draws_each_region_from_its_group(sample_file):
-    samples = JigsawSampleFile(sample_file[0])
+def test_sample_jigsaw_draws_each_region_from_its_group(sample_dir):
+    samples = JigsawSamples(sample_dir[0])
     generator = seeded_generator(0, 7, 1)  # as the engine would seed (seed, step, index)
     for _ in range(3):
         jigsaw, indices = sample_jigsaw(samples, template=TEMPLATE, generator=generator)

@@ -12,7 +12,8 @@ import torch
 
 import train_jigsaw
 from detpretrain import engine
-from detpretrain.jigsaw import JigsawSampleFile
+from detpretrain.data.synthetic import synthetic_coco
+from detpretrain.jigsaw import JigsawSamples, coco_image_records, extract_samples
 from tests.conftest import REPO_ROOT
 
 TINY = ["--model", "test_resnet", "--template", "tiny96", "--device", "cpu", "--num-workers", "0", "--quiet"]
@@ -64,8 +65,8 @@ def test_coco128_loss_falls_and_export_loads_strictly_into_timm(tmp_path, coco12
     names = {p.name for p in visualize.iterdir()}
     assert {"assembled_00.png", "assembled_01.png", "erf_top_left_step0.png", "erf_top_left_final.png"} <= names
     header = json.loads((export.parent / "args.json").read_text())
-    assert header["template"] == "tiny96"
-    cleaning = JigsawSampleFile(export.parent / "samples.jigsaw").header["cleaning_report"]
+    assert header["template"] == "tiny96" and header["dist_timeout"] == engine.DEFAULT_DIST_TIMEOUT_MINUTES
+    cleaning = JigsawSamples(export.parent / "samples.jigsaw").header["cleaning_report"]
     assert cleaning["images"] == 128 and cleaning["kept"] == 939  # CocoDataset's report, crowd regions kept
 
 
@@ -144,7 +145,11 @@ def test_table2_ablations_train(tmp_path, classification):
     assert all(torch.isfinite(torch.tensor(losses(export.parent))))
 
 
-def test_two_gloo_processes(tmp_path):
+def directory_files(directory):
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def test_two_gloo_processes_extract_what_one_process_does_and_train(tmp_path):
     out = tmp_path / "ddp"
     cmd = [
         sys.executable,
@@ -168,19 +173,56 @@ def test_two_gloo_processes(tmp_path):
         "2",
         "--log-every",
         "1",
+        "--shard-size",
+        "8",  # 64 images: 8 shards, 4 per rank
+        "--extract-workers",
+        "1",
+        "--dist-timeout",
+        "5",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and all(r["samples_per_s"] > 0 for r in rows)
-    assert json.loads((out / "args.json").read_text())["batch_size"] == 2
+    args = json.loads((out / "args.json").read_text())
+    assert args["batch_size"] == 2 and args["dist_timeout"] == 5
     timm.create_model(
         "test_resnet",
         pretrained=True,
         num_classes=0,
         pretrained_cfg_overlay=dict(file=str(out / "export" / "model.safetensors")),
     )
+    # Both ranks cut samples; the directory is byte for byte what one process extracts.
+    default = synthetic_coco()
+    records = coco_image_records(default.train_ann, default.train_images)
+    extract_samples(
+        records.records,
+        class_names=records.class_names,
+        category_ids=records.category_ids,
+        cleaning_report=records.cleaning_report,
+        output_dir=tmp_path / "one_process",
+        shard_size=8,
+    )
+    assert directory_files(out / "samples.jigsaw") == directory_files(tmp_path / "one_process")
+
+
+def test_extract_only_then_train_on_the_samples(tmp_path, coco128):
+    data = [*coco128_flags(coco128), "--shard-size", "32"]
+    samples = run(tmp_path, *data, "--extract-only", "--extract-workers", "2", name="extract")
+    assert samples == tmp_path / "extract" / "samples.jigsaw"
+    assert sorted(p.name for p in (tmp_path / "extract").iterdir()) == ["samples.jigsaw"]  # no model, no run files
+    shards = {p.name: p.stat().st_mtime_ns for p in samples.glob("shard-*")}
+    assert len(shards) == 4 and len(JigsawSamples(samples)) == 1008
+
+    short = ["--iters", "1", "--warmup-iters", "0", "--batch-size", "2", "--erf-images", "1"]
+    export = run(tmp_path, *data, *short, "--samples", str(samples), name="train")
+    assert {p.name: p.stat().st_mtime_ns for p in samples.glob("shard-*")} == shards  # reused, not written again
+    assert not (export.parent / "samples.jigsaw").exists()
+    with pytest.raises(
+        SystemExit, match=r"holds samples .*\(max_enlarge: 2\.0 there, 1\.5 now\); delete it.*--samples"
+    ):
+        run(tmp_path, *data, *short, "--samples", str(samples), "--max-enlarge", "1.5", name="other")
 
 
 def test_half_given_data_flags_are_refused(tmp_path, coco128):
