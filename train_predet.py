@@ -332,7 +332,8 @@ def usable_rows(args, images: LabelledImages, bad: dict) -> np.ndarray | None:
     keep[list(bad)] = False
     if not keep.any():
         raise SystemExit(f"{images.source}: no image is usable ({len(bad)} bad: {dict(Counter(bad.values()))})")
-    return np.flatnonzero(keep)
+    rows = np.flatnonzero(keep)
+    return rows.astype(np.uint32) if len(images) <= np.iinfo(np.uint32).max else rows  # 4 bytes per row
 
 
 class TrainImages(torch.utils.data.Dataset):

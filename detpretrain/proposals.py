@@ -982,18 +982,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-ann", help="COCO/LVIS json, or a .jsonl/.csv label file (detpretrain.data)")
     parser.add_argument("--class-names", help="class list, one per line (.jsonl/.csv labels; default: sorted)")
     parser.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad label rows instead of failing")
+    parser.add_argument(
+        "--train-shards",
+        help="WebDataset tar shards instead (a brace pattern, a folder of .tar, or a list file): a cache shard per tar",
+    )
     parser.add_argument("--output", required=True, help="the cache folder to write, or to continue")
     parser.add_argument(
         "--num-workers",
         type=int,
-        default=engine.default_num_workers(),
-        help="worker processes per rank (default: the cores per local rank, less one); 0 runs in this process and "
-        "also prints images per CPU-second, the speed per core",
+        default=engine.cores_per_local_rank(),
+        help="worker processes per rank (default: this rank's share of the node's cores); 0 runs in this process "
+        "and also prints images per CPU-second, the speed per core",
     )
     parser.add_argument(
         "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard (the unit of work and resume)"
     )
-    parser.add_argument("--limit", type=int, help="only the first N images (to measure speed)")
+    parser.add_argument("--limit", type=int, help="only the first N images, or tar shards (to measure speed)")
     parser.add_argument(
         "--dist-timeout",
         type=float,
@@ -1004,64 +1008,70 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    from detpretrain.data import labelled_images
+def _compute_from_flags(args: argparse.Namespace, dist_info: DistInfo) -> CacheRun:
+    """The cache of the data flags: an image list (every rank reads the labels itself) or tar shards."""
+    from detpretrain.data import labelled_images, tar_shards
 
-    args = get_args_parser().parse_args(argv)
-    if args.train_images is None:
-        raise SystemExit("pass --train-images (and --train-ann unless it is a class-folder tree)")
-    dist_info = engine.setup_distributed("cpu", timeout_minutes=args.dist_timeout)
+    limit = slice(args.limit)
+    work = dict(num_workers=args.num_workers, dist_info=dist_info, progress=True)
     try:
-        try:
-            images = labelled_images.read_labelled_images(
-                args.train_images,
-                args.train_ann,
-                class_names=args.class_names,
-                on_bad_row="skip" if args.skip_bad_rows else "error",
-            )
-            if args.limit is not None:
-                images = images.select(np.arange(len(images)) < args.limit, reasons={})
-            settings = resolve_settings(args.output, settings_overrides(args))
-        except (ValueError, FileNotFoundError) as error:
-            raise SystemExit(str(error).replace("on_bad_row='skip'", "--skip-bad-rows")) from None
+        settings = resolve_settings(args.output, settings_overrides(args))
+        if args.train_shards is not None:
+            urls = tar_shards.expand_shard_urls(args.train_shards)[limit]
+            return compute_tar_proposal_cache(urls, args.output, settings=settings, **work)
+        images = labelled_images.read_labelled_images(
+            args.train_images,
+            args.train_ann,
+            class_names=args.class_names,
+            on_bad_row="skip" if args.skip_bad_rows else "error",
+        )
+        if args.limit is not None:
+            images = images.select(np.arange(len(images)) < args.limit, reasons={})
         if dist_info.is_main:
             print(images.summary(), file=sys.stderr)
-        wall, cpu = time.perf_counter(), time.process_time()
-        run = compute_proposal_cache(
-            images,
-            args.output,
-            settings=settings,
-            shard_size=args.shard_size,
-            num_workers=args.num_workers,
-            dist_info=dist_info,
-            progress=True,
+        return compute_proposal_cache(images, args.output, settings=settings, shard_size=args.shard_size, **work)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(str(error).replace("on_bad_row='skip'", "--skip-bad-rows")) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    if (args.train_images is None) == (args.train_shards is None):
+        raise SystemExit(
+            "pass --train-images (and --train-ann unless it is a class-folder tree), or --train-shards (tar shards)"
         )
+    dist_info = engine.setup_distributed("cpu", timeout_minutes=args.dist_timeout)
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        run = _compute_from_flags(args, dist_info)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     finally:
         engine.cleanup_distributed()
+    if not dist_info.is_main:
+        return
     cache = run.cache
-    num_boxes = sum(cache.shard(k).header["num_boxes"] for k in range(cache.num_shards))
+    headers = [cache.shard(k).header for k in range(cache.num_shards)]
+    num_images = sum(header["num_images"] for header in headers)
     size = sum(cache.shard_path(k).stat().st_size for k in range(cache.num_shards))
     report = {
         "output": str(cache.path),
-        "images": len(cache),
+        "images": num_images,
         "skipped_images": len(run.skipped),
-        "boxes_per_image": round(num_boxes / len(cache), 2),
-        "bytes_per_image": round(size / len(cache), 1),
+        "boxes_per_image": round(sum(header["num_boxes"] for header in headers) / num_images, 2),
+        "bytes_per_image": round(size / num_images, 1),
         "shards": cache.num_shards,
         "shards_kept": run.kept,  # this rank's
         "shards_computed": run.computed,
         "wall_s": round(wall, 2),
-        "images_per_s": round(len(cache) / wall, 2),
+        "images_per_s": round(num_images / wall, 2),
     }
     if args.num_workers == 0 and dist_info.world_size == 1:
         # All the work ran in this process: its CPU time (all threads) gives the rate per core, whatever the load.
-        report["images_per_cpu_s"] = round(len(cache) / cpu, 2)
+        report["images_per_cpu_s"] = round(num_images / cpu, 2)
     if run.skipped:
         report["skipped_report"] = str(cache.path / SKIPPED_NAME)
         print(f"skipped {len(run.skipped)} images, listed in {cache.path / SKIPPED_NAME}", file=sys.stderr)
-    if dist_info.is_main:
-        print(json.dumps({**report, "settings": cache.settings}, indent=1))
+    print(json.dumps({**report, "settings": cache.settings}, indent=1))
 
 
 if __name__ == "__main__":

@@ -337,3 +337,36 @@ def test_command_line_on_coco128(coco128, tmp_path, capsys):
     assert report["settings"]["max_boxes"] == 50 and report["boxes_per_image"] <= 50
     assert 0 < report["bytes_per_image"] < 2000 and report["images_per_cpu_s"] > 0
     assert len(ProposalCache(tmp_path / "coco128")) == 3
+
+
+def test_command_line_on_tar_shards(shape_images, tmp_path, capsys):
+    """One cache shard per tar, its rows the tar's samples in stored order and named by key; a sample without an
+    image, or whose image does not decode, keeps its row with a status and is reported."""
+    webdataset = pytest.importorskip("webdataset")
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    with webdataset.TarWriter(str(folder / "part-0.tar")) as writer:
+        for i in range(3):
+            writer.write({"__key__": f"a{i}", "png": shape_images[i].read_bytes(), "cls": 0})
+    with webdataset.TarWriter(str(folder / "part-1.tar")) as writer:
+        writer.write({"__key__": "b0", "cls": 1})  # no image
+        writer.write({"__key__": "b1", "png": b"not a png", "cls": 1})
+        writer.write({"__key__": "b2", "png": shape_images[3].read_bytes(), "cls": 1})
+    output = tmp_path / "cache"
+    argv = ["--train-shards", str(folder), "--output", str(output), "--num-workers", "0", "--edge-image-size", "160"]
+    proposals.main(argv)
+    report = json.loads(capsys.readouterr().out)
+    assert (report["images"], report["shards"], report["skipped_images"]) == (6, 2, 2)
+    cache = ProposalCache(output)
+    assert cache.layout == {"kind": "tars", "tars": ["part-0.tar", "part-1.tar"]}
+    assert cache.shard(1).names() == ["b0", "b1", "b2"]
+    assert [cache.shard(1).status(j) for j in range(3)] == ["no image in the sample", "undecodable image", "ok"]
+    settings = EdgeBoxesSettings(image_size=160)
+    assert torch.equal(cache.shard(1).boxes(2), edge_boxes(read_rgb(shape_images[3]), settings)[0])
+    assert [(e["shard"], e["row"], e["image"]) for e in cache.skipped_images()] == [(1, 0, "b0"), (1, 1, "b1")]
+    sample = types.SimpleNamespace(shard=1, position=2, key="b2")
+    assert cache.locate(sample)[1] == 2
+    with pytest.raises(ValueError, match="row 2 is sample 'b2', but tar part-1.tar holds 'b9' there"):
+        cache.locate(types.SimpleNamespace(shard=1, position=2, key="b9"))
+    proposals.main(argv)  # a second run keeps both shards
+    assert json.loads(capsys.readouterr().out)["shards_kept"] == 2
