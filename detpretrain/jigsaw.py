@@ -58,6 +58,7 @@ from torchvision.ops import box_iou
 
 from detpretrain.data.coco import CocoDataset
 from detpretrain.data.detection import DetectionDataset
+from detpretrain.data.labelled_images import relative_to_common_folder
 from detpretrain.data.voc import VocDataset
 from detpretrain.engine import DistInfo, atomic_write
 from detpretrain.sharding import SINGLE_PROCESS, WorkerPool, gather_by_shard, rank_shards, run_shards, shard_ranges
@@ -458,14 +459,6 @@ def _shard_name(k: int) -> str:
     return f"shard-{k:05d}.jigsaw"
 
 
-def _image_names(records: Sequence[ImageRecord]) -> list[str]:
-    """Each image's path relative to the folder that holds them all: what shards and manifests record, so that a
-    sample directory made on one cluster stays valid where the dataset is mounted elsewhere."""
-    paths = [os.path.abspath(r.file_name) for r in records]
-    root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
-    return [os.path.relpath(p, root) for p in paths]
-
-
 def _digest(*tensors: Tensor) -> str:
     digest = hashlib.sha256()
     for tensor in tensors:
@@ -818,7 +811,7 @@ def extract_samples(
         min_sample_size=min_sample_size,
         negative_tries=negative_tries,
     )
-    names = _image_names(records)
+    names = relative_to_common_folder([r.file_name for r in records])
     records_sha256 = _records_digest(records, names)
     directory = Path(output_dir)
     if directory.is_file():

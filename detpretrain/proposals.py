@@ -103,7 +103,13 @@ import torch
 from torchvision.ops import nms
 
 from detpretrain import engine
-from detpretrain.data.labelled_images import MISSING_FILE, UNDECODABLE_IMAGE, ImageDecodeError, read_rgb
+from detpretrain.data.labelled_images import (
+    MISSING_FILE,
+    UNDECODABLE_IMAGE,
+    ImageDecodeError,
+    read_rgb,
+    relative_to_common_folder,
+)
 from detpretrain.engine import DistInfo, atomic_write
 from detpretrain.sharding import SINGLE_PROCESS, WorkerPool, gather_by_shard, rank_shards, run_shards, shard_ranges
 
@@ -358,9 +364,7 @@ class ImageList:
         if not image_paths:
             raise ValueError("no images to compute proposals for")
         self._paths = [os.fspath(p) for p in image_paths]
-        absolute = [os.path.abspath(p) for p in self._paths]
-        root = os.path.commonpath([os.path.dirname(p) for p in absolute])
-        self._names = [os.path.relpath(p, root) for p in absolute]
+        self._names = relative_to_common_folder(self._paths)
 
     def __len__(self) -> int:
         return len(self._paths)

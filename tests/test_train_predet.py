@@ -2,6 +2,7 @@
 finetune.py's detector, resume is exact, DDP runs, and bad input (no OpenCV, empty label sets, corrupt images) gets
 its message."""
 
+import contextlib
 import io
 import json
 import math
@@ -124,21 +125,31 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch, coco128, 
     common = [*coco128_flags(coco128), "--proposals", str(coco128_proposals), "--iters", "7", "--warmup-iters", "2"]
     common += ["--batch-size", "4", "--save-every", "2", "--log-every", "1", "--lr", "1.0"]
     reference = run(tmp_path, *common, name="reference")
+    with killed_at_step(monkeypatch, 5):
+        run(tmp_path, *common, name="resumed")
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["step"] == 4
+    resumed = run(tmp_path, *common, "--resume", "auto", name="resumed")
+    assert_same_run(reference, resumed)
 
+
+@contextlib.contextmanager
+def killed_at_step(monkeypatch, step: int):
+    """The run inside dies as it starts ``step`` (after the checkpoint before it), as a kill would."""
     real_train_step = engine.train_step
 
-    def crash_at_step_5(**kwargs):
-        if kwargs["step"] == 5:
+    def crash(**kwargs):
+        if kwargs["step"] == step:
             raise Crash("simulated kill")
         return real_train_step(**kwargs)
 
-    monkeypatch.setattr(engine, "train_step", crash_at_step_5)
+    monkeypatch.setattr(engine, "train_step", crash)
     with pytest.raises(Crash):
-        run(tmp_path, *common, name="resumed")
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["step"] == 4
+        yield
     monkeypatch.setattr(engine, "train_step", real_train_step)
-    resumed = run(tmp_path, *common, "--resume", "auto", name="resumed")
 
+
+def assert_same_run(reference, resumed):
+    """Bitwise the same exported weights and logged losses."""
     a = safetensors.torch.load_file(reference / "model.safetensors")
     b = safetensors.torch.load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -182,26 +193,10 @@ def test_tar_shards_train_and_resume_exactly(tmp_path, monkeypatch, coco128_tar_
     assert cache.layout == {"kind": "tars", "tars": [f"train-{k:06d}.tar" for k in range(4)]}
     assert cache.shard(2).names() == [f"img{i:04d}" for i in range(12, 18)]
 
-    real_train_step = engine.train_step
-
-    def crash_at_step_5(**kwargs):
-        if kwargs["step"] == 5:
-            raise Crash("simulated kill")
-        return real_train_step(**kwargs)
-
-    monkeypatch.setattr(engine, "train_step", crash_at_step_5)
-    with pytest.raises(Crash):
+    with killed_at_step(monkeypatch, 5):
         run(tmp_path, *common, name="resumed")
-    monkeypatch.setattr(engine, "train_step", real_train_step)
     resumed = run(tmp_path, *common, "--resume", "auto", name="resumed")
-
-    a = safetensors.torch.load_file(reference / "model.safetensors")
-    b = safetensors.torch.load_file(resumed / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    loss_keys = sorted(LOSS_TERMS | {"loss"})
-    assert [[r[k] for k in loss_keys] for r in log_rows(reference.parent)] == [
-        [r[k] for k in loss_keys] for r in log_rows(resumed.parent)
-    ]
+    assert_same_run(reference, resumed)
     assert "4 tar shards" in (reference / "README.md").read_text()
 
 

@@ -109,6 +109,8 @@ __all__ = [
     "from_label_file",
     "image_status",
     "read_labelled_images",
+    "read_class_names",
+    "relative_to_common_folder",
     "read_rgb",
     "verify_images",
 ]
@@ -447,7 +449,16 @@ def _without_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _read_class_names(class_names: Sequence[str] | str | Path) -> list[str]:
+def relative_to_common_folder(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Each path relative to the folder that holds them all: the names a cache records for its images, so that it
+    stays valid for the dataset moved or mounted elsewhere."""
+    absolute = [os.path.abspath(p) for p in paths]
+    root = os.path.commonpath([os.path.dirname(p) for p in absolute]) if absolute else ""
+    return [os.path.relpath(p, root) for p in absolute]
+
+
+def read_class_names(class_names: Sequence[str] | str | Path) -> list[str]:
+    """A class list: the names given, or a text file with one name per line (blank lines skipped); each once."""
     if isinstance(class_names, (str, Path)):
         with open(class_names, encoding="utf-8") as f:
             names = [line.strip() for line in f if line.strip()]
@@ -557,7 +568,7 @@ def from_label_file(
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{images_dir}: image directory not found")
     fixed_classes = class_names is not None
-    names = _read_class_names(class_names) if fixed_classes else []
+    names = read_class_names(class_names) if fixed_classes else []
     # With no class list given, classes get provisional indices in order of first appearance; finish() sorts them.
     class_index = {name: i for i, name in enumerate(names)}
     builder = _IndexBuilder(source=str(labels_file), on_bad_row=on_bad_row)

@@ -95,7 +95,7 @@ import torch
 import torch.distributed as dist
 
 from detpretrain import engine
-from detpretrain.data.labelled_images import ImageDecodeError, read_rgb
+from detpretrain.data.labelled_images import ImageDecodeError, read_class_names, read_rgb
 
 __all__ = [
     "DEFAULT_SHUFFLE_BUFFER",
@@ -270,18 +270,7 @@ def load_class_names(source: str | os.PathLike | Sequence[str] | None) -> tuple[
             "tar shards need a class list (a text file with one class name per line): the classes of a stream "
             "cannot be known before every shard has been read"
         )
-    if isinstance(source, str | os.PathLike):
-        with open(source, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
-        where = os.fspath(source)
-    else:
-        names, where = [str(name) for name in source], "class_names"
-    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
-    if repeated:
-        raise ValueError(f"{where}: class names {repeated[:5]} appear more than once; list each class once")
-    if not names:
-        raise ValueError(f"{where}: the class list is empty; write one class name per line")
-    return tuple(names)
+    return tuple(read_class_names(source))
 
 
 # ------------------------------------------------------------------------------------------------ reading a tar
