@@ -90,6 +90,9 @@ from detpretrain.zoo import PREDET_PAPER
 PAPER_GLOBAL_BATCH = 1024  # views per step in §4.1 (512 images x 2); --lr is for this batch
 QUERY_LOSSES = frozenset({"crpn", "info", "croi_reg"})  # the terms that need query boxes
 PROPOSALS_NAME = "proposals.edgeboxes"
+# How the images are checked and the proposals computed, not what is trained (the cache checks its own content):
+# free on resume, like the worker counts.
+RESUME_IGNORE = engine.DEFAULT_RESUME_IGNORE | {"proposal_workers", "proposal_shard_size", "proposals", "verify_images"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -491,6 +494,7 @@ def main(args: argparse.Namespace) -> Path:
             args=vars(args),
             global_batch_size=global_batch,
             dist_info=dist_info,
+            ignore_args=RESUME_IGNORE,
         )
     if dist_info.is_main:
         engine.save_args(args.output_dir, vars(args))

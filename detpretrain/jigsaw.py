@@ -61,7 +61,15 @@ from detpretrain.data.detection import DetectionDataset
 from detpretrain.data.labelled_images import relative_to_common_folder
 from detpretrain.data.voc import VocDataset
 from detpretrain.engine import DistInfo, atomic_write
-from detpretrain.sharding import SINGLE_PROCESS, WorkerPool, gather_by_shard, rank_shards, run_shards, shard_ranges
+from detpretrain.sharding import (
+    SINGLE_PROCESS,
+    WorkerPool,
+    gather_by_shard,
+    progress_bar,
+    rank_shards,
+    run_shards,
+    shard_ranges,
+)
 
 __all__ = [
     "BACKGROUND_LABEL",
@@ -820,17 +828,17 @@ def extract_samples(
             "extract again, or extract into another directory"
         )
     directory.mkdir(parents=True, exist_ok=True)
-    with WorkerPool(num_workers) as pool:
+    own = len(
+        rank_shards(len(shard_ranges(len(records), shard_size)), rank=dist_info.rank, world_size=dist_info.world_size)
+    )
+    with (
+        WorkerPool(num_workers) as pool,
+        progress_bar(total=own, desc="extracting samples", unit="shard", enabled=progress) as bar,
+    ):
         shards = _ShardedExtraction(
             directory=directory, records=records, names=names, plan=plan, params=params, pool=pool
         )
         shards.check_reuse(class_names=class_names, records_sha256=records_sha256)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            own = len(rank_shards(shards.num_shards, rank=dist_info.rank, world_size=dist_info.world_size))
-            bar = tqdm(total=own, desc=f"extracting samples (rank {dist_info.rank})", unit="shard")
 
         def compute(k: int) -> None:
             shards.compute(k)
@@ -845,8 +853,6 @@ def extract_samples(
             directory=directory,
             dist_info=dist_info,
         )
-        if bar is not None:
-            bar.close()
     summaries = gather_by_shard(shards.num_shards, shards.summary, dist_info=dist_info)
 
     skipped = ("skipped_images", "skipped_positives", "skipped_negatives")

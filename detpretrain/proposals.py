@@ -93,7 +93,7 @@ import struct
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -111,7 +111,15 @@ from detpretrain.data.labelled_images import (
     relative_to_common_folder,
 )
 from detpretrain.engine import DistInfo, atomic_write
-from detpretrain.sharding import SINGLE_PROCESS, WorkerPool, gather_by_shard, rank_shards, run_shards, shard_ranges
+from detpretrain.sharding import (
+    SINGLE_PROCESS,
+    WorkerPool,
+    gather_by_shard,
+    progress_bar,
+    rank_shards,
+    run_shards,
+    shard_ranges,
+)
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -853,7 +861,7 @@ def _compute_cache(
     with ExitStack() as stack:
         own = rank_shards(num_shards, rank=dist_info.rank, world_size=dist_info.world_size)
         total = sum(len(source.ranges[k]) for k in own) if isinstance(source, _RowShards) else None
-        bar = stack.enter_context(_progress_bar(total=total, enabled=progress and dist_info.is_main))
+        bar = stack.enter_context(progress_bar(total=total, desc="EdgeBoxes", enabled=progress and dist_info.is_main))
         pool = stack.enter_context(
             # Fresh workers: OpenCV does not support fork (opencv/opencv#5150); a worker forked after this process
             # ran OpenCV (edge_boxes, a previous cache) hangs in cv2.setNumThreads.
@@ -898,17 +906,6 @@ def _compute_cache(
 
 def _shard_name(k: int) -> str:
     return f"shard-{k:06d}.edgeboxes"
-
-
-@contextmanager
-def _progress_bar(*, total: int, enabled: bool) -> Iterator[Any]:
-    if not enabled:
-        yield None
-        return
-    from tqdm import tqdm
-
-    with tqdm(total=total, desc="EdgeBoxes", unit="img") as bar:
-        yield bar
 
 
 # ---------------------------------------------------------------------------------------------- settings from flags

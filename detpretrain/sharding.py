@@ -33,6 +33,7 @@ import secrets
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -48,7 +49,7 @@ __all__ = [
     "ShardRun",
     "WorkerPool",
     "gather_by_shard",
-    "iter_progress",
+    "progress_bar",
     "rank_shards",
     "run_shards",
     "shard_ranges",
@@ -214,10 +215,14 @@ def gather_by_shard(num_shards: int, read: Callable[[int], Any], *, dist_info: D
     return [merged[k] for k in range(num_shards)]
 
 
-def iter_progress(items: Iterable[Any], *, total: int, desc: str, enabled: bool) -> Iterable[Any]:
-    """``items`` with a tqdm bar when ``enabled`` (rank 0 only, by convention)."""
+@contextmanager
+def progress_bar(*, total: int | None, desc: str, unit: str = "img", enabled: bool = True) -> Iterator[Any]:
+    """A tqdm bar over this rank's share of the work (``bar.update(n)``), or None when not ``enabled`` (ranks other
+    than 0, --quiet)."""
     if not enabled:
-        return items
+        yield None
+        return
     from tqdm import tqdm
 
-    return tqdm(items, total=total, desc=desc, unit="img")
+    with tqdm(total=total, desc=desc, unit=unit) as bar:
+        yield bar

@@ -84,7 +84,7 @@ import torch
 from PIL import Image
 
 from detpretrain.engine import DistInfo
-from detpretrain.sharding import SINGLE_PROCESS, WorkerPool, gather_by_shard, rank_shards, shard_ranges
+from detpretrain.sharding import SINGLE_PROCESS, WorkerPool, gather_by_shard, progress_bar, rank_shards, shard_ranges
 
 __all__ = [
     "BAD_ROW_POLICIES",
@@ -768,15 +768,12 @@ def image_status(
     """
     chunks = shard_ranges(len(images), chunk_rows)
     check = functools.partial(_file_status, decode=decode)
-    bar = None
-    if progress and dist_info.is_main:
-        from tqdm import tqdm
-
-        own = rank_shards(len(chunks), rank=dist_info.rank, world_size=dist_info.world_size)
-        bar = tqdm(total=sum(len(chunks[k]) for k in own), desc="checking images", unit="img")
-
+    own = sum(len(chunks[k]) for k in rank_shards(len(chunks), rank=dist_info.rank, world_size=dist_info.world_size))
     # The pool forks after the index exists and is handed only paths: workers share the index, copy nothing.
-    with WorkerPool(num_workers) as pool:
+    with (
+        WorkerPool(num_workers) as pool,
+        progress_bar(total=own, desc="checking images", enabled=progress and dist_info.is_main) as bar,
+    ):
 
         def check_chunk(k: int) -> np.ndarray:
             paths = [images.path(i) for i in chunks[k]]
@@ -786,8 +783,6 @@ def image_status(
             return status
 
         parts = gather_by_shard(len(chunks), check_chunk, dist_info=dist_info)
-    if bar is not None:
-        bar.close()
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
 
 
