@@ -252,7 +252,8 @@ def test_two_gloo_processes(tmp_path, coco128, coco128_proposals):
     rows = log_rows(out)
     assert [r["step"] for r in rows] == [0, 1, 2] and all(LOSS_TERMS <= r.keys() for r in rows)
     # Each process holds 2 images (4 views); the step's global batch is 8 views.
-    assert json.loads((out / "args.json").read_text())["batch_size"] == 4
+    recorded = json.loads((out / "args.json").read_text())
+    assert recorded["batch_size"] == 4 and recorded["dist_timeout"] == engine.DEFAULT_DIST_TIMEOUT_MINUTES == 60
     timm.create_model(
         "test_resnet",
         pretrained=True,
