@@ -7,7 +7,10 @@ exported for timm and fine-tuning (finetune.py).
 
 The defaults are the paper's recipe (§4.1): 64k iterations of 512 assembled images (2048 samples), lr warmed up
 from 0.2 to 0.8 over 1250 iterations then cosine to 0, weight decay 1e-4, ERF weights refreshed every 5k
-iterations with threshold 0.7. The paper does not name its optimizer: SGD with momentum 0.9 is our choice.
+iterations with threshold 0.7. The paper does not name its optimizer: SGD with momentum 0.9 is our choice. The
+network starts with torchvision's residual init, not timm's zero-initialized residual branches, which would make the
+step-0 ERF, and so the labels of the first 5k steps, a patch at each cell's corner (--zero-init-last restores timm's;
+PAPER_NOTES.md "ERF").
 
 Sample extraction is shared by every rank of every node and by --extract-workers processes in each, shard by shard
 (detpretrain.sharding): a killed run continues where it stopped, an image that cannot be decoded is skipped and
@@ -28,6 +31,10 @@ is reused by any later run with the same data and settings.
         --train-ann coco/annotations/instances_train2017.json --samples /shared/samples.jigsaw
     # CPU smoke run on the embedded default dataset (no data flags)
     python train_jigsaw.py --model resnet18 --template tiny96 --iters 30 --warmup-iters 5 --batch-size 8 --device cpu
+    # the ablations: Tab. 1's warp / resize / pad_crop (--table1 sets --fit and block-wise labels, as Tab. 1 was run:
+    # PAPER_NOTES.md), Tab. 2's block-wise / global classification
+    torchrun --nproc_per_node=8 train_jigsaw.py --table1 warp --model resnet50 --train-images ... --output-dir ...
+    torchrun --nproc_per_node=8 train_jigsaw.py --classification global --model resnet50 --train-images ... ...
 
 Outputs in --output-dir: samples.jigsaw/ (the extracted samples, unless --samples puts them elsewhere: shards,
 manifest.json, skipped.jsonl), args.json, log.jsonl, checkpoint.pth (resume with --resume auto), export/
@@ -42,7 +49,6 @@ import argparse
 import json
 from pathlib import Path
 
-import timm
 import torch
 import torch.distributed as dist
 
@@ -62,10 +68,12 @@ from detpretrain.jigsaw import (
     SampleDirError,
     coco_image_records,
     compute_erf,
+    create_backbone,
     erf_label_weights,
     extract_samples,
     feature_region_index,
     get_template,
+    has_zero_init_last,
     normalize_jigsaw_image,
     render_erf,
     render_jigsaw,
@@ -77,6 +85,15 @@ from detpretrain.losses import erf_adaptive_dense_loss, jigsaw_blockwise_loss, j
 from detpretrain.zoo import JIGSAW_PAPER
 
 CLASSIFICATIONS = ("erf_dense", "blockwise", "global")
+# Which run of the paper a (fit, classification) pair is. Tab. 1 was run with block-wise labels (PAPER_NOTES.md):
+# its Pad&Crop row is Tab. 2's Block-wise row (35.2 AP in both).
+PAPER_RUNS = {
+    ("pad_crop", "erf_dense"): "the paper's method (§3; Tab. 2 'ERF-adaptive Dense Cls.', Tab. 3)",
+    ("pad_crop", "blockwise"): "Tab. 1 'Pad&Crop' = Tab. 2 'Block-wise Cls.' (one run: 35.2 AP in both)",
+    ("warp", "blockwise"): "Tab. 1 'Warp' (block-wise labels, as Tab. 1 was run)",
+    ("resize", "blockwise"): "Tab. 1 'Resize' (block-wise labels, as Tab. 1 was run)",
+    ("pad_crop", "global"): "Tab. 2 'Global Cls.'",
+}
 PAPER_GLOBAL_BATCH = 512  # assembled images per step in §4.1; the lr values below are for this batch
 ERF_STREAM = 0xE5F  # seeds the fixed batch of assembled images the ERF is measured on (our choice)
 # How the samples are extracted, not what they are (the sample directory's manifest checks that): free on resume.
@@ -113,6 +130,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     jigsaw.add_argument(
         "--fit", default="pad_crop", choices=FIT_MODES, help="pad & crop (paper), or Tab. 1's warp/resize"
     )
+    jigsaw.add_argument(
+        "--table1",
+        choices=FIT_MODES,
+        help="Tab. 1's run: --fit FIT with --classification blockwise (Tab. 1 was run with block-wise labels)",
+    )
     jigsaw.add_argument("--scale-range", type=float, nargs=2, default=(0.8, 1.5), help="per-sample scale (§4.1)")
     jigsaw.add_argument("--flip-prob", type=float, default=0.5, help="per-sample horizontal flip (§4.1)")
     jigsaw.add_argument(
@@ -124,6 +146,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model and optimization (§4.1)")
     model.add_argument("--model", default="resnet50", help="timm architecture (any CNN with forward_features)")
+    model.add_argument(
+        "--zero-init-last",
+        action="store_true",
+        help="timm's init: every residual branch's last BN starts at 0 (default: torchvision's, at 1; PAPER_NOTES)",
+    )
     model.add_argument("--iters", type=int, default=64000, help="optimizer steps (§4.1: 64k)")
     model.add_argument("--batch-size", type=int, default=64, help="assembled images per process per micro-step")
     model.add_argument("--accum-steps", type=int, default=1, help="micro-steps per optimizer step")
@@ -160,6 +187,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--tag", default="jigsaw", help="the timm pretrained tag the export is for")
     run.add_argument("--license", default="apache-2.0", help="license of the exported weights (model card)")
     return parser
+
+
+def with_table1(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with --table1 FIT spelled out as --fit FIT --classification blockwise (a copy); a --fit or
+    --classification changed beside it is refused rather than overridden."""
+    if args.table1 is None:
+        return args
+    setting = {"fit": args.table1, "classification": "blockwise"}
+    parser = get_args_parser()
+    for name, value in setting.items():
+        given = getattr(args, name)
+        if given not in (parser.get_default(name), value):
+            raise SystemExit(f"--table1 {args.table1} means --{name} {value}: drop --{name} {given}")
+    return argparse.Namespace(**{**vars(args), **setting})
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -285,6 +326,7 @@ def save_top_left_erf(model, erf_images_uint8, erf_images, *, template, path: Pa
 def main(args: argparse.Namespace) -> Path:
     """Train and export; returns the export folder (with --extract-only: the sample directory)."""
     # ---------------------------------------------------------------------------------------------------- setup
+    args = with_table1(args)
     if not 0 <= args.warmup_iters < args.iters:
         raise SystemExit(f"--warmup-iters {args.warmup_iters} must be below --iters {args.iters}: pass a shorter one")
     dist_info = engine.setup_distributed(args.device, timeout_minutes=args.dist_timeout)
@@ -307,8 +349,8 @@ def main(args: argparse.Namespace) -> Path:
     num_classes = len(samples.class_names)  # categories + background (label 0, the negatives)
 
     # ---------------------------------------------------------------------------------------------------- model
-    # num_classes=0, global_pool="": forward_features keeps the stride-32 map; the 1x1 conv is the FC (§3.3).
-    backbone = timm.create_model(args.model, pretrained=False, num_classes=0, global_pool="")
+    # forward_features keeps the stride-32 map; the 1x1 conv is the FC (§3.3). The residual init sets the step-0 ERF.
+    backbone = create_backbone(args.model, zero_init_last=args.zero_init_last)
     memory_format = engine.memory_format(device)
     model = JigsawClassifier(backbone, num_classes=num_classes).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(
@@ -319,8 +361,8 @@ def main(args: argparse.Namespace) -> Path:
     erf_batch = fixed_erf_batch(assembled, num_images=args.erf_images, seed=args.seed)
     erf_images_uint8 = torch.stack([j.image for j in erf_batch])
     erf_images = normalize_jigsaw_image(erf_images_uint8).to(device, memory_format=memory_format)
-    with torch.no_grad():
-        feature_height, feature_width = model.forward_features(erf_images[:1]).shape[2:]
+    # In eval mode: a probe in train mode would move every BN running statistic before the step-0 ERF reads them.
+    feature_height, feature_width = model.feature_map_size(template.canvas_height, template.canvas_width)
     region_index = feature_region_index(template, feature_height=feature_height, feature_width=feature_width)
     region_index = region_index.to(device)
 
@@ -381,7 +423,7 @@ def main(args: argparse.Namespace) -> Path:
         labels = labels.to(device, non_blocking=True)
         with engine.autocast(device, amp=args.amp):
             logits = ddp_model(images)  # (B, C + 1, h, w)
-        logits = logits.float()
+        # The losses switch autocast off and compute in float32 (engine.train_step runs this inside autocast).
         if args.classification == "erf_dense":
             loss = erf_adaptive_dense_loss(logits, labels, label_weights=label_weights, region_index=region_index)
         elif args.classification == "blockwise":
@@ -477,20 +519,37 @@ def model_card_fields(args, samples: JigsawSamples, template: JigsawTemplate, *,
         name: f"{int(b[2] - b[0])}x{int(b[3] - b[1])} (w x h)"
         for name, b in zip(REGION_NAMES, template.region_boxes().tolist(), strict=True)
     }
+    if not has_zero_init_last(args.model):
+        residual_init = f"{args.model}'s own (timm's {args.model} takes no zero_init_last)"
+    elif args.zero_init_last:
+        residual_init = "timm's zero_init_last: every residual branch's last BN starts at weight 0 (--zero-init-last)"
+    else:
+        residual_init = "torchvision's: every residual branch's last BN starts at weight 1 (timm's zero_init_last off)"
+    extraction = samples.header["extraction"]
     return {
         "method": "Jigsaw (Montage) pre-training (montage_jigsaw.txt §3)",
+        "paper_run": PAPER_RUNS.get(
+            (args.fit, args.classification),
+            f"none of the paper's (--fit {args.fit} with --classification {args.classification})",
+        ),
         "jigsaw_template": f"{args.template}: canvas {template.canvas_width}x{template.canvas_height}, {regions} "
         "(the paper's sizes were lost with Fig. 4; ours, PAPER_NOTES.md)",
-        "jigsaw_fit": f"{args.fit} (pad & crop is the paper's; warp/resize are Tab. 1 ablations)",
+        "jigsaw_fit": f"{args.fit} (pad & crop is the paper's; warp/resize are Tab. 1 ablations, the scale ratio "
+        "applied after the fit)",
         "jigsaw_augmentation": f"per sample: scale U{tuple(args.scale_range)} keeping aspect, flip p={args.flip_prob}; "
         "ImageNet mean/std after stitching",
         "classification": f"{args.classification} (ERF-adaptive dense is the paper's; others are Tab. 2 ablations)",
         "erf": f"threshold {args.erf_threshold}, refreshed every {args.erf_every} steps on {args.erf_images} fixed "
         "assembled images; gradient ERF (Luo et al.): |d feature(j,k) / d input| summed over RGB, BN in eval mode",
+        "residual_init": f"{residual_init}; the step-0 ERF, which labels the first {args.erf_every} steps, depends on "
+        "it (PAPER_NOTES.md 'ERF')",
         "classes": f"{len(samples.class_names) - 1} categories + background for negatives (the paper says C)",
         "samples": f"{len(samples)} ({json.dumps(samples.header['stats'])}); positives enlarged up to "
         f"{args.max_enlarge}x, positives:negatives {args.pos_neg_ratio}:1, crowd never positive, "
         f"samples under {args.min_sample_size}px dropped",
+        "sample_storage": f"cut once at native resolution, stored as JPEG quality {extraction['jpeg_quality']} with "
+        f"{extraction['jpeg_subsampling']} chroma (our choice: PSNR 41 dB against lossless on coco128, "
+        "benchmarks/RESULTS.md)",
         "schedule": f"{args.iters} steps, global batch {global_batch} assembled images, lr {warmup_lr:g} -> "
         f"{peak_lr:g} over {args.warmup_iters} steps then cosine to 0 (paper: 0.2 -> 0.8 at batch 512, linear "
         "scaling otherwise)",

@@ -15,6 +15,10 @@ Targets from the Jigsaw issues, each checked here with measured figures (never b
   normalizes on the device after the batch arrives (normalize_jigsaw_image), and so would a plain pipeline.
 - ``extract``: sample extraction (decode, crop, JPEG-encode; train_jigsaw's settings) in seconds per image per core
   and in bytes per image and per sample, for 0 extraction workers (this process) and for --workers processes.
+- ``storage``: how a sample could be stored, for every sample train_jigsaw plans: bytes, encode and decode time,
+  and PSNR against the lossless crop of the decoded photo, for what extraction stores (``encode_sample``: JPEG q95,
+  4:4:4 chroma), the JPEG q95 4:2:0 stored before, and lossless PNG, WebP and raw RGB. The figures behind
+  ``encode_sample``'s choice (montage_jigsaw.txt §3.1 cuts each sample once).
 - ``step``: train_jigsaw.py's step (engine.train_step over JigsawClassifier: the timm backbone with its 1x1-conv
   dense head, erf_adaptive_dense_loss with label weights from a real ERF refresh) must be at most 10% slower than
   a plain timm classification step (timm.create_model(arch, num_classes=C + 1), cross-entropy on the pooled
@@ -35,6 +39,8 @@ Each mode prints a markdown block (machine, versions, command, figures) for benc
     python benchmarks/bench_jigsaw.py data --train-images DIR --train-ann FILE --num-images 512 --repeats 5 --profile
     # sample extraction on coco128: one process, then 2 worker processes
     python benchmarks/bench_jigsaw.py extract --workers 2
+    # how samples are stored: bytes, decode time and PSNR per encoding, on coco128
+    python benchmarks/bench_jigsaw.py storage
     # train step on a small CPU: resnet50 and resnet18 at batch 8, 224 px; the ERF refresh timed on 1 image and
     # projected to train_jigsaw's 16 (its cost is linear in (image, position) pairs)
     python benchmarks/bench_jigsaw.py step --model resnet50 --batch-size 8 --threads 1 --steps 6 --warmup-steps 1 \
@@ -64,8 +70,8 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
-from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from PIL import Image, JpegImagePlugin
+from torchvision.io import ImageReadMode, decode_jpeg, decode_png, read_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # train_jigsaw.py lives at the repository root, beside this folder
@@ -84,12 +90,14 @@ from detpretrain.jigsaw import (  # noqa: E402
     normalize_jigsaw_image,
     plan_samples,
 )
+from detpretrain.jigsaw.extraction import DEFAULT_JPEG_QUALITY, JPEG_SUBSAMPLING, encode_sample  # noqa: E402
 from detpretrain.losses import erf_adaptive_dense_loss  # noqa: E402
 
 COCO128 = REPO_ROOT.parent / "shared" / "data" / "coco128"
 DATA_TARGET = 1.0  # assembled images/s per worker >= plain RandomResizedCrop images/s
 WORKER_TARGET = 2500 / 8  # assembled images/s per worker: an H100 trains on ~2,500/s, fed by 8 workers
 STEP_TARGET = 1.10  # Jigsaw step time (ERF refreshes amortized) <= 1.10 x the plain timm step
+CHROMA = {-1: "grayscale", 0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}  # PIL.JpegImagePlugin.get_sampling's codes
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -115,6 +123,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     extract.add_argument("--workers", type=int, default=2, help="extraction processes of the second run")
     extract.add_argument("--repeats", type=int, default=3, help="timed extractions per setting (median reported)")
+
+    storage = modes.add_parser("storage", help="how samples are stored: bytes, decode time and PSNR per encoding")
+    storage.add_argument("--train-images", type=Path, default=COCO128 / "images", help="COCO image directory")
+    storage.add_argument(
+        "--train-ann", type=Path, default=COCO128 / "annotations/instances_train2017.json", help="COCO json"
+    )
+    storage.add_argument("--repeats", type=int, default=5, help="timed decodes of every sample per encoding (median)")
 
     step = modes.add_parser("step", help="train step time vs a plain timm classification step")
     step.add_argument("--model", default="resnet50", help="timm architecture, the same for both sides")
@@ -388,6 +403,7 @@ def run_extract(args: argparse.Namespace) -> None:
         samples = JigsawSamples(path)
         blobs = [samples.encoded(i) for i in range(len(samples))]
     quality = samples.header["extraction"]["jpeg_quality"]
+    subsampling = samples.header["extraction"]["jpeg_subsampling"]
     torch.set_num_threads(1)
     decode_ms = {}
     for name, decode in {
@@ -416,10 +432,133 @@ def run_extract(args: argparse.Namespace) -> None:
         f"{1000 * statistics.median(plan_cpu) / num_images:.2f} ms CPU per image.",
         "",
         f"Storage: {shard_bytes / num_images / 1e3:.1f} kB per image and {shard_bytes / len(samples) / 1e3:.1f} kB per "
-        f"sample on disk (JPEG quality {quality}, native resolution; headers and indexes "
+        f"sample on disk (JPEG quality {quality}, {subsampling} chroma, native resolution; headers and indexes "
         f"{(shard_bytes - jpeg_bytes) / shard_bytes:.1%} of it). Decoding one sample: decode_jpeg "
         f"{decode_ms['decode_jpeg']:.3f} ms, Pillow {decode_ms['Pillow']:.3f} ms (CPU, one thread, mean over "
         f"{len(blobs)} samples).",
+    ]
+    print("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------------- storage
+def encode_with_pillow(**save_kwargs) -> Callable[[Image.Image], bytes]:
+    def encode(crop: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        crop.save(buffer, **save_kwargs)
+        return buffer.getvalue()
+
+    return encode
+
+
+def decode_raw(data: bytes, height: int, width: int) -> torch.Tensor:
+    """Uncompressed RGB: (3, h, w) uint8, a channels-last view of a copy of the bytes, as a reader would hand it on."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(height, width, 3).permute(2, 0, 1)
+
+
+def as_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    return image.permute(1, 2, 0).numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+
+
+def psnr_against(reference: list[np.ndarray], decoded: list[np.ndarray]) -> tuple[float, float, float] | None:
+    """PSNR in dB over all pixels, of the median sample and of the worst sample; None when every pixel is equal."""
+    errors = [((d.astype(np.float64) - r) ** 2).sum() for r, d in zip(reference, decoded, strict=True)]
+    if sum(errors) == 0:
+        return None
+    sizes = [r.size for r in reference]
+    per_sample = [10 * np.log10(255**2 * n / e) if e else float("inf") for e, n in zip(errors, sizes, strict=True)]
+    overall = 10 * np.log10(255**2 * sum(sizes) / sum(errors))
+    return overall, float(np.median(per_sample)), min(per_sample)
+
+
+def estimated_jpeg_quality(image: Image.Image) -> float:
+    """The IJG quality whose luminance table has the sum of this JPEG's (its scale, and the order, do not matter)."""
+    ijg_luminance_sum = 5357  # sum of the IJG base luminance table (Annex K of the JPEG standard)
+    scale = 100 * sum(image.quantization[0]) / ijg_luminance_sum
+    return (200 - scale) / 2 if scale <= 100 else 5000 / scale
+
+
+def run_storage(args: argparse.Namespace) -> None:
+    records = coco_image_records(args.train_ann, args.train_images)
+    recipe = train_jigsaw.get_args_parser().parse_args([])
+    settings = extraction_settings(recipe)
+    plan = plan_samples(records.records, **{k: v for k, v in settings.items() if k != "shard_size"})
+    # Every planned sample, lossless: its window of the decoded source image, as extraction crops it.
+    crops, qualities, chroma = [], [], []
+    for i, record in enumerate(records.records):
+        with Image.open(record.file_name) as source:
+            qualities.append(estimated_jpeg_quality(source))
+            chroma.append(JpegImagePlugin.get_sampling(source))
+            rgb = source.convert("RGB")
+        crops += [rgb.crop(tuple(box)) for box in plan.boxes[plan.image_index == i].tolist()]
+    pixels = [np.asarray(crop) for crop in crops]
+    torch.set_num_threads(1)
+
+    def decode_jpeg_bytes(data: bytes, height: int, width: int) -> torch.Tensor:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+    def decode_png_bytes(data: bytes, height: int, width: int) -> torch.Tensor:
+        return decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+    def decode_pillow(data: bytes, height: int, width: int) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    stored = f"JPEG q{DEFAULT_JPEG_QUALITY}, {JPEG_SUBSAMPLING} chroma (encode_sample: what extraction stores)"
+    codecs = {
+        "JPEG q95, 4:2:0 chroma, optimized Huffman tables (stored until now)": (
+            encode_with_pillow(format="JPEG", quality=95, optimize=True),
+            decode_jpeg_bytes,
+        ),
+        stored: (encode_sample, decode_jpeg_bytes),
+        "PNG, zlib level 6 (lossless)": (encode_with_pillow(format="PNG"), decode_png_bytes),
+        "WebP lossless": (encode_with_pillow(format="WEBP", lossless=True), decode_pillow),
+        "raw RGB (lossless, uncompressed)": (lambda crop: crop.tobytes(), decode_raw),
+    }
+    encoded, encode_ms = {}, {}
+    for name, (encode, _) in codecs.items():
+        start = time.process_time()
+        encoded[name] = [encode(crop) for crop in crops]
+        encode_ms[name] = 1000 * (time.process_time() - start) / len(crops)
+    decode_times: dict[str, list[float]] = {name: [] for name in codecs}
+    fidelity = {}
+    for repeat in range(args.repeats):
+        for name, (_, decode) in codecs.items():  # interleaved, so a change of machine load hits every one alike
+            start = time.process_time()
+            decoded = [decode(data, *p.shape[:2]) for data, p in zip(encoded[name], pixels, strict=True)]
+            decode_times[name].append(1000 * (time.process_time() - start) / len(crops))
+            if repeat == 0:
+                fidelity[name] = psnr_against(pixels, [as_hwc(image) for image in decoded])
+
+    num_images = len(records.records)
+    coco_train2017_images = 118_287
+    lines = [
+        "### Jigsaw sample storage: bytes, decode time and fidelity per encoding",
+        "",
+        *machine_lines(),
+        f"- data: {args.train_images} ({num_images} photos: JPEG, estimated IJG quality median "
+        f"{statistics.median(qualities):.0f} (min {min(qualities):.0f}), chroma "
+        f"{', '.join(f'{CHROMA[c]} x{chroma.count(c)}' for c in sorted(set(chroma)))}); the {len(crops)} samples "
+        f"train_jigsaw plans ({sum(p.shape[0] * p.shape[1] for p in pixels) / len(crops) / 1e3:.1f} kpx mean), each "
+        "cut from the decoded photo (Pillow, RGB): the lossless reference",
+        f"- decode: CPU time of one thread, median of {args.repeats} passes over every sample (torchvision decode_jpeg "
+        "or decode_png; Pillow for WebP; a copy for raw)",
+        "",
+        "| encoding | kB per sample | GB for COCO train2017 | encode ms per sample | decode ms per sample "
+        "| decode ms per assembled image (4 samples) | PSNR dB vs lossless: all pixels, median sample, worst sample |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in codecs:
+        kb = sum(len(data) for data in encoded[name]) / len(crops) / 1e3
+        gb = kb * 1e3 * len(crops) / num_images * coco_train2017_images / 1e9
+        decode_ms = statistics.median(decode_times[name])
+        psnr = "lossless" if fidelity[name] is None else " / ".join(f"{v:.1f}" for v in fidelity[name])
+        lines.append(
+            f"| {name} | {kb:.1f} | {gb:.1f} | {encode_ms[name]:.2f} | {decode_ms:.3f} | {4 * decode_ms:.2f} | {psnr} |"
+        )
+    lines += [
+        "",
+        f"GB for COCO train2017: kB per sample x samples per image here x {coco_train2017_images:,} images. An "
+        f"assembled image may take {1000 / WORKER_TARGET:.1f} ms of one worker ({WORKER_TARGET:.1f} per second, the "
+        "data target).",
     ]
     print("\n".join(lines))
 
@@ -492,14 +631,13 @@ def run_step(args: argparse.Namespace) -> None:
 
     def jigsaw_head_loss(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = jigsaw_model.classifier(features)  # (B, C + 1, h, w): the FC as a 1x1 convolution (§3.3)
-        return erf_adaptive_dense_loss(logits.float(), labels, label_weights=label_weights, region_index=region_index)
+        return erf_adaptive_dense_loss(logits, labels, label_weights=label_weights, region_index=region_index)
 
     def jigsaw_losses(batch) -> dict[str, torch.Tensor]:
         batch_images, labels = batch
         batch_images = normalize_jigsaw_image(batch_images).contiguous(memory_format=memory_format)
         with engine.autocast(device, amp=args.amp):
             logits = jigsaw_model(batch_images)  # (B, C + 1, h, w)
-        logits = logits.float()
         return {
             "jigsaw": erf_adaptive_dense_loss(logits, labels, label_weights=label_weights, region_index=region_index)
         }
@@ -660,6 +798,8 @@ def main(args: argparse.Namespace) -> None:
         run_data(args)
     elif args.mode == "extract":
         run_extract(args)
+    elif args.mode == "storage":
+        run_storage(args)
     else:
         run_step(args)
 

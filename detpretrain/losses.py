@@ -7,7 +7,10 @@ the paper is silent follow ``PAPER_NOTES.md`` ("Dense loss").
 
 All three take the dense logits of ``detpretrain.jigsaw.JigsawClassifier`` (a 1x1 convolution on the last feature
 map). The convolution is linear, so pooling its logits over a set of cells equals classifying the pooled features
-there: "global" pools over the whole map, "block-wise" over each region.
+there: "global" pools over the whole map, "block-wise" over each region. They compute in float32 with autocast
+switched off, wherever they are called: ``engine.train_step`` runs the loss inside the model's bf16 autocast, where
+the einsum of Eq. 1 and the region means (matrix products) would run in bf16 (soft labels summing to 1 +- 0.002, a
+weight of 0.7 becoming 0.6992).
 
 PreDet, ``papers/predet.txt`` §3: the multi-label classification loss L_cls (§3.1; the softmax cross-entropy against
 1/k-normalized targets of Mahajan et al. [34], PAPER_NOTES.md "L_cls"), the InfoNCE loss L_info of the CROI head
@@ -42,6 +45,7 @@ Glossary (names and shapes):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -63,6 +67,11 @@ __all__ = [
 NUM_REGIONS = 4
 
 
+def _without_autocast(tensor: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``tensor``'s device, so that the Jigsaw losses run in the dtype they cast to."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 def _check_shapes(pred_logits: Tensor, labels: Tensor) -> None:
     if pred_logits.ndim != 4:
         raise ValueError(f"pred_logits must be (B, K, h, w), got {tuple(pred_logits.shape)}")
@@ -73,25 +82,28 @@ def _check_shapes(pred_logits: Tensor, labels: Tensor) -> None:
 
 
 def region_mean(values: Tensor, region_index: Tensor) -> Tensor:
-    """Mean of ``values`` (..., h, w) over the cells of each region: (..., R). Every region needs a cell."""
+    """Mean of ``values`` (..., h, w) over the cells of each region: (..., R), in ``values``' dtype (outside autocast).
+    Every region needs a cell."""
     if values.shape[-2:] != region_index.shape:
         raise ValueError(f"values {tuple(values.shape)} do not end with region_index's {tuple(region_index.shape)}")
     one_hot = F.one_hot(region_index.flatten().to(values.device), NUM_REGIONS).to(values.dtype)  # (h*w, R)
     counts = one_hot.sum(dim=0)
     if (counts == 0).any():
         raise ValueError(f"region(s) {(counts == 0).nonzero().flatten().tolist()} have no feature cell")
-    return values.flatten(-2) @ one_hot / counts
+    with _without_autocast(values):
+        return values.flatten(-2) @ one_hot / counts
 
 
 def jigsaw_soft_labels(labels: Tensor, label_weights: Tensor, *, num_classes: int) -> Tensor:
-    """Eq. 1: the soft label of every position, y~^{j,k} = sum_i w_i^{j,k} y_i, as (B, K, h, w).
+    """Eq. 1: the soft label of every position, y~^{j,k} = sum_i w_i^{j,k} y_i, as (B, K, h, w) float32.
 
     Two regions with the same class add their weights on that class.
     """
     if label_weights.ndim != 3 or label_weights.shape[-1] != NUM_REGIONS:
         raise ValueError(f"label_weights must be (h, w, {NUM_REGIONS}), got {tuple(label_weights.shape)}")
-    one_hot = F.one_hot(labels, num_classes).to(label_weights.dtype)  # (B, R, K)
-    return torch.einsum("jkr,brc->bcjk", label_weights, one_hot)
+    with _without_autocast(label_weights):
+        one_hot = F.one_hot(labels, num_classes).float()  # (B, R, K)
+        return torch.einsum("jkr,brc->bcjk", label_weights.float(), one_hot)
 
 
 def erf_adaptive_dense_loss(
@@ -110,9 +122,10 @@ def erf_adaptive_dense_loss(
             f"label_weights {tuple(label_weights.shape)} do not match the {tuple(pred_logits.shape[2:])} "
             "feature map; recompute them (erf_label_weights) for this input size"
         )
-    targets = jigsaw_soft_labels(labels, label_weights.to(pred_logits.dtype), num_classes=pred_logits.shape[1])
-    loss_map = F.cross_entropy(pred_logits, targets, reduction="none")  # (B, h, w)
-    return region_mean(loss_map, region_index).mean()
+    targets = jigsaw_soft_labels(labels, label_weights.to(pred_logits.device), num_classes=pred_logits.shape[1])
+    with _without_autocast(pred_logits):
+        loss_map = F.cross_entropy(pred_logits.float(), targets, reduction="none")  # (B, h, w)
+        return region_mean(loss_map, region_index).mean()
 
 
 def jigsaw_blockwise_loss(pred_logits: Tensor, labels: Tensor, *, region_index: Tensor) -> Tensor:
@@ -124,8 +137,9 @@ def jigsaw_blockwise_loss(pred_logits: Tensor, labels: Tensor, *, region_index: 
     cross-entropies, not the cross-entropy of the mean logits).
     """
     _check_shapes(pred_logits, labels)
-    region_logits = region_mean(pred_logits, region_index)  # (B, K, R)
-    return F.cross_entropy(region_logits, labels)
+    with _without_autocast(pred_logits):
+        region_logits = region_mean(pred_logits.float(), region_index)  # (B, K, R)
+        return F.cross_entropy(region_logits, labels)
 
 
 def jigsaw_global_loss(pred_logits: Tensor, labels: Tensor, *, region_area_fractions: Tensor) -> Tensor:
@@ -137,9 +151,10 @@ def jigsaw_global_loss(pred_logits: Tensor, labels: Tensor, *, region_area_fract
     _check_shapes(pred_logits, labels)
     if region_area_fractions.shape != (NUM_REGIONS,):
         raise ValueError(f"region_area_fractions must be ({NUM_REGIONS},), got {tuple(region_area_fractions.shape)}")
-    one_hot = F.one_hot(labels, pred_logits.shape[1]).to(pred_logits.dtype)  # (B, R, K)
-    targets = torch.einsum("r,brc->bc", region_area_fractions.to(pred_logits), one_hot)
-    return F.cross_entropy(pred_logits.mean(dim=(2, 3)), targets)
+    with _without_autocast(pred_logits):
+        one_hot = F.one_hot(labels, pred_logits.shape[1]).float()  # (B, R, K)
+        targets = torch.einsum("r,brc->bc", region_area_fractions.to(pred_logits.device, torch.float32), one_hot)
+        return F.cross_entropy(pred_logits.float().mean(dim=(2, 3)), targets)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Bad images cost nothing (§3.1 extraction): damaged copies of coco128 photos are skipped, counted and reported,
 oddly-encoded ones are converted to RGB and used, and training runs on what was extracted."""
 
-import io
 import json
 import shutil
 from collections import defaultdict
@@ -12,7 +11,14 @@ import torch
 from PIL import Image
 
 import train_jigsaw
-from detpretrain.jigsaw import ImageRecord, JigsawSamples, coco_image_records, extract_samples, plan_samples
+from detpretrain.jigsaw import (
+    ImageRecord,
+    JigsawSamples,
+    coco_image_records,
+    encode_sample,
+    extract_samples,
+    plan_samples,
+)
 
 BAD = {
     "truncated.jpg": "undecodable: image file is truncated",
@@ -103,17 +109,14 @@ def test_bad_images_are_skipped_counted_and_reported_and_training_runs(damaged_c
     assert stats["skipped_images"] == 4 and stats["num_samples"] == len(samples) == int((~lost).sum())
     assert stats["skipped_positives"] + stats["skipped_negatives"] == int(lost.sum()) > 0
     assert torch.equal(samples.boxes, planned.boxes[~lost])
-    # Converted and used: each oddly-encoded image's samples are its RGB pixels, cropped and stored as JPEG.
-    quality = samples.header["extraction"]["jpeg_quality"]
+    # Converted and used: each oddly-encoded image's samples are its RGB pixels, cropped and stored as a sample is.
     for name in ODD:
         mine = (samples.image_index == index[name]).nonzero().flatten().tolist()
         assert mine, name
         for i in mine:
             x1, y1, x2, y2 = samples.boxes[i].tolist()
-            buffer = io.BytesIO()
-            Image.fromarray(expected[name][y1:y2, x1:x2]).save(buffer, format="JPEG", quality=quality)
-            stored = torch.from_numpy(np.array(Image.open(buffer))).permute(2, 0, 1)
-            assert torch.equal(samples[i].image, stored), name
+            stored = encode_sample(Image.fromarray(expected[name][y1:y2, x1:x2]))
+            assert samples.encoded(i).numpy().tobytes() == stored, name
 
 
 def test_a_missing_image_is_skipped_and_named(coco128, tmp_path):

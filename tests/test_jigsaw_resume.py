@@ -5,8 +5,7 @@ byte for byte what one uninterrupted process writes."""
 import pytest
 
 import train_jigsaw
-from detpretrain import jigsaw
-from detpretrain.jigsaw import coco_image_records, extract_samples
+from detpretrain.jigsaw import JigsawSamples, SampleDirError, coco_image_records, extract_samples, extraction
 from tests.conftest import REPO_ROOT
 from tests.torchrun_nodes import kill_node, launch_nodes, node_logs, wait_nodes, wait_until
 
@@ -28,7 +27,7 @@ def test_a_killed_extraction_continues_and_keeps_finished_shards(coco128, tmp_pa
     records, kwargs = coco.records[:40], {"class_names": coco.class_names, "shard_size": 5}  # 8 shards
     extract_samples(records, output_dir=tmp_path / "reference", **kwargs)
 
-    real_atomic_write = jigsaw.atomic_write
+    real_atomic_write = extraction.atomic_write
 
     def killed_on_the_fourth_shard(path, write):
         if path.name == "shard-00003.jigsaw":
@@ -36,15 +35,15 @@ def test_a_killed_extraction_continues_and_keeps_finished_shards(coco128, tmp_pa
             raise Killed
         real_atomic_write(path, write)
 
-    monkeypatch.setattr(jigsaw, "atomic_write", killed_on_the_fourth_shard)
+    monkeypatch.setattr(extraction, "atomic_write", killed_on_the_fourth_shard)
     with pytest.raises(Killed):
         extract_samples(records, output_dir=tmp_path / "samples", **kwargs)
-    monkeypatch.setattr(jigsaw, "atomic_write", real_atomic_write)
+    monkeypatch.setattr(extraction, "atomic_write", real_atomic_write)
     before = shard_stats(tmp_path / "samples")
     assert sorted(before) == [f"shard-0000{k}.jigsaw" for k in range(3)]
     assert not (tmp_path / "samples" / "manifest.json").exists()  # unfinished: the reader refuses it
-    with pytest.raises(jigsaw.SampleDirError, match="not a finished Jigsaw sample directory"):
-        jigsaw.JigsawSamples(tmp_path / "samples")
+    with pytest.raises(SampleDirError, match="not a finished Jigsaw sample directory"):
+        JigsawSamples(tmp_path / "samples")
     shard = tmp_path / "samples" / "shard-00001.jigsaw"
     shard.write_bytes(shard.read_bytes()[:-100])  # a damaged shard (a disk error, a careless copy) is computed again
 

@@ -160,3 +160,30 @@ def test_region_mean_and_bad_inputs():
         jigsaw_blockwise_loss(LOGITS, torch.tensor([1, 2, 0, 1]), region_index=REGION_INDEX)
     with pytest.raises(ValueError, match="recompute them"):
         erf_adaptive_dense_loss(LOGITS, LABELS, label_weights=torch.ones(7, 7, 4) / 4, region_index=REGION_INDEX)
+
+
+def test_soft_labels_and_losses_are_float32_under_bf16_autocast():
+    """engine.train_step runs the loss inside the model's autocast: Eq. 1 and the losses must not follow it."""
+    weights = torch.tensor([0.7, 0.1, 0.15, 0.05]).expand(2, 3, 4)  # 0.7 and 0.15 are not bf16 numbers
+    region_index = torch.tensor([[0, 1, 1], [2, 3, 3]])
+    logits = torch.randn(2, 3, 2, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[1, 2, 0, 1], [0, 0, 2, 1]])
+    fractions = get_template("split96").region_area_fractions()
+    losses = {
+        "soft labels": lambda z: jigsaw_soft_labels(labels, weights, num_classes=3),
+        "dense": lambda z: erf_adaptive_dense_loss(z, labels, label_weights=weights, region_index=region_index),
+        "block-wise": lambda z: jigsaw_blockwise_loss(z, labels, region_index=region_index),
+        "global": lambda z: jigsaw_global_loss(z, labels, region_area_fractions=fractions),
+    }
+    for name, loss in losses.items():
+        float32 = loss(logits)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = loss(logits)
+            from_bf16_logits = loss(logits.bfloat16())  # what the model returns under autocast
+        assert autocast.dtype == torch.float32 and torch.equal(autocast, float32), name
+        assert torch.equal(from_bf16_logits, loss(logits.bfloat16().float())), name
+    means = region_mean(logits, region_index)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # region means keep their input's dtype, autocast or not
+        assert torch.equal(region_mean(logits, region_index), means)
+    soft_labels = jigsaw_soft_labels(labels, weights, num_classes=3)
+    torch.testing.assert_close(soft_labels.sum(1), torch.ones(2, 2, 3), rtol=0, atol=1e-6)
