@@ -4,18 +4,24 @@ This is how the zoo's weights are validated (predet.txt §4.2, montage_jigsaw.tx
 Mask R-CNN or RetinaNet on COCO, LVIS or PASCAL VOC, fine-tuned under a named protocol (``--protocol``: which layers
 train, BN frozen or not, heads, image sizes; ../shared/PAPER_NOTES.md, "Fine-tuning protocols") and a schedule
 (``--schedule``: 1x .. 9x, voc, jigsaw, scaled linearly to the global batch), then scored with pycocotools (COCO),
-lvis-api's rules (LVIS, 300 detections per image) or detectron2's VOC metric (VOC). Everything that moves AP between
-papers is recorded in eval.json (../shared/USERS.md, item 3).
+lvis-api's rules (LVIS: 300 detections per image above a score of 0.0001, as detectron2's LVIS configs) or
+detectron2's VOC metric (VOC). Everything that moves AP between papers is recorded in eval.json (../shared/USERS.md,
+item 3).
 
-Defaults reproduce PreDet's setting: protocol ``predet``; Mask R-CNN on COCO and LVIS, Faster R-CNN on VOC (Tabs. 2,
-5, 6); schedule 1x on COCO and LVIS, ``voc`` (24k iterations) on VOC, ``jigsaw`` (13 epochs) with ``--protocol
-jigsaw``; 2 images per process, so 8 processes make the papers' batch of 16 (any other global batch scales the lr).
+Defaults reproduce PreDet's setting: protocol ``predet`` (detectron2's detector defaults, BN trained and recomputed
+before each evaluation by precise BN); Mask R-CNN on COCO and LVIS, Faster R-CNN on VOC (Tabs. 2, 5, 6); schedule 1x
+on COCO and LVIS, ``voc`` (24k iterations, short side 480..800) on VOC, ``jigsaw`` (13 epochs) with ``--protocol
+jigsaw``; 2 images per process, so 8 processes make the papers' batch of 16 (any other global batch scales the lr);
+training without the images that have no annotation, in batches of one orientation (both references' defaults);
+a PreDet export's FPN and heads (fpn.safetensors, heads.safetensors) loaded with its backbone.
 
     # PreDet's COCO row (Tab. 2): Mask R-CNN X101-32x8d, 1x, 8 GPUs x 2 images
     torchrun --nproc_per_node=8 finetune.py --backbone resnext101_32x8d.predet \\
         --train-images coco/train2017 --train-ann coco/annotations/instances_train2017.json \\
         --val-images coco/val2017 --val-ann coco/annotations/instances_val2017.json --output-dir out/x101_coco_1x
-    # one GPU, the same global batch of 16 by gradient accumulation, bf16 autocast
+    # one GPU, the same global batch of 16 by gradient accumulation, bf16 autocast. Not PreDet's protocol: its BN is
+    # trained, and here it normalizes over the 4 images of a micro-batch instead of SyncBN's 16 (eval.json records
+    # train.batch_norm); frozen-BN protocols (jigsaw, standard) are the same protocol on one GPU
     python finetune.py --backbone resnext101_32x8d.predet --batch-size 4 --accum-steps 4 --amp bf16 ...
     # LVIS v1 (Tab. 5) and VOC (Tab. 6), each averaged over 3 seeds (OUTPUT_DIR/seed_K/, OUTPUT_DIR/eval_seeds.json)
     torchrun --nproc_per_node=8 finetune.py --format lvis --train-images coco --train-ann lvis_v1_train.json \\
@@ -24,24 +30,27 @@ jigsaw``; 2 images per process, so 8 processes make the papers' batch of 16 (any
     # the Jigsaw paper's main table (Tab. 3): Faster R-CNN C4 on a train_jigsaw.py export, frozen BN, 13 epochs
     torchrun --nproc_per_node=8 finetune.py --arch fasterrcnn_c4 --protocol jigsaw --backbone resnet50 \\
         --backbone-weights out/r50_jigsaw/export --train-images ... --output-dir out/r50_jigsaw_c4
-    # CPU smoke run on the embedded default dataset (no data flags), on the export of a train_jigsaw.py smoke run
+    # CPU smoke run on the embedded default dataset (no data flags), on the export of a train_jigsaw.py smoke run;
+    # precise BN over 20 steps instead of detectron2's 200 before each of the 3 evaluations
     python finetune.py --backbone resnet18 --backbone-weights runs/quickstart/export --arch fasterrcnn \\
         --min-size 192 --max-size 256 --iters 300 --batch-size 4 --lr 0.02 --device cpu --num-workers 2 \\
-        --eval-every 100 --output-dir runs/quickstart/finetune
+        --eval-every 100 --protocol-set precise_bn_iters=20 --output-dir runs/quickstart/finetune
 
 Outputs in --output-dir: args.json; log.jsonl (one row per --log-every steps: lr, loss, each loss_<term>);
 checkpoint.pth (every --save-every steps and at the end; --resume auto continues it exactly); eval_history.jsonl (one
 row per evaluation: every --eval-every steps and at the end) and ap_curve.png (AP against iterations; needs
 matplotlib, the ``plots`` extra); eval.json (DESIGN.md's metrics, fractions 0..1, plus what produced them: detector,
-protocol, loaded weights, schedule, data, seed). With --seeds A,B,C: one such folder per seed in seed_K/, and
-eval_seeds.json with the mean and sample standard deviation of every metric. --eval-only --resume PATH|auto scores a
-checkpoint without training. The AP table (points) is printed at the end.
+protocol, loaded weights and heads, schedule, data, sampler, BN batch, seed, test settings, precise BN). With --seeds
+A,B,C: one such folder per seed in seed_K/, and eval_seeds.json with the mean and sample standard deviation of every
+metric. --eval-only --resume PATH|auto scores a checkpoint without training (precise BN recomputed as training did).
+The AP table (points) is printed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -60,10 +69,29 @@ import detpretrain
 from detpretrain import engine
 from detpretrain.backbone import NORMS
 from detpretrain.data.coco import CocoDataset
-from detpretrain.data.detection import DatasetError, DetectionDataset, collate_detection
-from detpretrain.data.lvis import LVIS_REPEAT_THRESHOLD, LvisDataset, RepeatFactorBatchSampler
+from detpretrain.data.detection import (
+    ASPECT_RATIO_GROUPS,
+    DatasetError,
+    DetectionDataset,
+    GroupedBatchSampler,
+    collate_detection,
+    uniform_epoch_order,
+)
+from detpretrain.data.lvis import (
+    LVIS_REPEAT_THRESHOLD,
+    LvisDataset,
+    RepeatFactorBatchSampler,
+    repeat_factor_epoch_order,
+)
 from detpretrain.data.synthetic import synthetic_coco
-from detpretrain.data.transforms import LOW_SHOT_SHORT_RANGE, Compose, SampleTransform, train_transforms
+from detpretrain.data.transforms import (
+    LOW_SHOT_SHORT_RANGE,
+    MULTISCALE_SHORT_SIDES,
+    VOC_SHORT_SIDES,
+    Compose,
+    SampleTransform,
+    train_transforms,
+)
 from detpretrain.data.voc import VocDataset, parse_image_sets
 from detpretrain.detection import (
     ARCHS,
@@ -78,8 +106,10 @@ from detpretrain.detection import (
     parse_settings,
     schedule_for,
 )
+from detpretrain.detection.precise_bn import batch_norm_record, precise_batch_norm, trained_batch_norms
 from detpretrain.evaluation import (
     LVIS_MAX_DETS_PER_IMAGE,
+    LVIS_SCORE_THRESH,
     CocoEvaluator,
     EvaluationInputError,
     LvisEvaluator,
@@ -92,6 +122,10 @@ from detpretrain.hub import HubWeightsError
 
 DETECTOR_CLASSES = {"fasterrcnn": FasterRCNN, "fasterrcnn_c4": FasterRCNN, "maskrcnn": MaskRCNN, "retinanet": RetinaNet}
 COCO_DETECTIONS_PER_IMAGE = 100  # COCOeval's maxDets; also VOC (detectron2's TEST.DETECTIONS_PER_IMAGE)
+COCO_SCORE_THRESH = 0.05  # detectron2's ROI_HEADS.SCORE_THRESH_TEST and torchvision's box_score_thresh; also VOC
+# The model-side draws of the precise-BN passes (proposal sampling) take a stream of their own per (seed, step,
+# rank), apart from the samples' augmentation streams (engine.sample_seed of dataset indices, far below 2**40).
+PRECISE_BN_STREAM = 1 << 40
 EVAL_NAME, HISTORY_NAME, CURVE_NAME, SEEDS_NAME = "eval.json", "eval_history.jsonl", "ap_curve.png", "eval_seeds.json"
 # Flags that only change what is evaluated or how the run is driven, never the weights a step produces: a resumed run
 # may change them (the engine's own list covers devices, workers, logging and how the global batch is split).
@@ -104,6 +138,7 @@ RESUME_IGNORE = engine.DEFAULT_RESUME_IGNORE | {
     "eval_only",
     "seeds",
     "detections_per_img",
+    "score_thresh",
 }
 # Columns of the printed AP table, in the order papers print them; eval.json also holds the AR values.
 TABLE_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "mAP")
@@ -127,6 +162,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--subset-seed", type=int, default=0, help="which N images (nested: smaller N is a subset)")
     data.add_argument("--val-subset", type=int, help="evaluate on the first N images only (smoke runs; recorded)")
+    data.add_argument(
+        "--filter-empty-images",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train without the images that have no annotation, as detectron2 and torchvision's references do "
+        "(before --train-subset draws; recorded)",
+    )
+    data.add_argument(
+        "--group-by-aspect-ratio",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fill each global batch with images of one orientation (w > h, or not), as detectron2's "
+        "AspectRatioGroupedDataset; with repeat-factor sampling too (recorded)",
+    )
 
     model = parser.add_argument_group("detector and fine-tuning protocol")
     model.add_argument("--arch", choices=ARCHS, help="default: maskrcnn on COCO and LVIS, fasterrcnn on VOC (PreDet)")
@@ -143,6 +192,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--no-pretrained", action="store_true", help="backbone from scratch (use with --norm gn)")
     model.add_argument("--no-fpn-weights", action="store_true", help="ignore an export's fpn.safetensors")
+    model.add_argument(
+        "--init-heads",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start the RPN conv and the 2fc box head from an export's heads.safetensors (PreDet's CRPN conv and "
+        "CROI box head, where shapes match: our reading of predet.txt §1, §4.2) when it has one (recorded)",
+    )
     model.add_argument("--protocol", default="predet", choices=sorted(PROTOCOLS), help="fine-tuning preset (§4.2)")
     model.add_argument(
         "--protocol-set",
@@ -159,12 +215,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--max-size", type=int, help="cap on the long side, train and test")
     model.add_argument("--detections-per-img", type=int, help="kept at test time (default 100; 300 for LVIS)")
     model.add_argument(
+        "--score-thresh",
+        type=float,
+        help="test-time score threshold (default 0.05; LVIS 0.0001, as detectron2's and mmdetection's LVIS configs)",
+    )
+    model.add_argument(
         "--detector-set",
         nargs="+",
         action="extend",
         default=[],
         metavar="NAME=VALUE",
-        help="torchvision detector settings (default: torchvision's, as detectron2), e.g. box_batch_size_per_image=128 "
+        help="torchvision detector settings (default: torchvision's, and detectron2's where the protocol's "
+        "detector_defaults say so, see detpretrain/detection/detectors.py), e.g. box_batch_size_per_image=128 "
         "rpn_post_nms_top_n_test=300 to make small CPU runs cheaper (recorded)",
     )
 
@@ -249,6 +311,8 @@ def check_args(args: argparse.Namespace) -> list[int]:
             raise SystemExit(f"--{flag.replace('_', '-')} {value}: pass a positive number")
     if args.eval_every < 0:
         raise SystemExit(f"--eval-every {args.eval_every}: pass 0 (only at the end) or a positive number of steps")
+    if args.score_thresh is not None and not 0 <= args.score_thresh < 1:
+        raise SystemExit(f"--score-thresh {args.score_thresh}: pass a score in [0, 1), e.g. 0.05 (LVIS: 0.0001)")
     if args.eval_only and not args.resume:
         raise SystemExit("--eval-only scores a checkpoint: pass --resume PATH (or --resume auto for OUTPUT_DIR's)")
     if args.backbone_weights is not None and not args.backbone_weights.exists():
@@ -274,9 +338,13 @@ def parse_voc_sets(text: str) -> list[tuple[int, str]]:
 
 
 def resolve_protocol(args: argparse.Namespace) -> Protocol:
-    """The preset of --protocol with, in increasing precedence: the low-shot scales (§5.3), --protocol-set, --norm,
-    --min-size / --max-size. Every change shows in eval.json's ``protocol.overrides``."""
+    """The preset of --protocol with, in increasing precedence: the VOC scales, the low-shot scales (§5.3),
+    --protocol-set, --norm, --min-size / --max-size. Every change shows in eval.json's ``protocol.overrides``."""
     settings: dict[str, Any] = {}
+    if args.format == "voc" and get_protocol(args.protocol).train_min_sizes == MULTISCALE_SHORT_SIDES:
+        # Our reading: PreDet's VOC recipe (§4.2) is MoCo's VOC config, which trains at 480..800; §4.2's 640..800
+        # is said of COCO and LVIS. Single-scale protocols keep their size.
+        settings["train_min_sizes"] = VOC_SHORT_SIDES
     if args.train_subset is not None:
         low, high = LOW_SHOT_SHORT_RANGE  # predet.txt §5.3: "a scale range of [512, 800]", every size in it
         settings["train_min_sizes"] = tuple(range(low, high + 1))
@@ -324,6 +392,10 @@ def default_arch(args: argparse.Namespace) -> str:
     return args.arch or ("fasterrcnn" if args.format == "voc" else "maskrcnn")
 
 
+def default_score_thresh(args: argparse.Namespace) -> float:
+    return LVIS_SCORE_THRESH if args.format == "lvis" else COCO_SCORE_THRESH
+
+
 def default_schedule(args: argparse.Namespace) -> str:
     if args.schedule is not None:
         return args.schedule
@@ -369,6 +441,11 @@ def load_datasets(args: argparse.Namespace, *, with_masks: bool) -> tuple[Detect
             f"the training and evaluation annotations list different categories ({train.num_classes - 1} vs "
             f"{val.num_classes - 1}): pass files of the same dataset"
         )
+    if args.filter_empty_images:  # before the low-shot draw: --train-subset N trains on N annotated images
+        try:
+            train = train.drop_images_without_annotations()
+        except DatasetError as err:
+            raise SystemExit(str(err)) from None
     if args.train_subset is not None:
         if args.train_subset > len(train):
             raise SystemExit(f"--train-subset {args.train_subset}: the training set has only {len(train)} images")
@@ -424,8 +501,8 @@ def evaluate(
     dist_info: engine.DistInfo,
 ) -> dict[str, Any] | None:
     """Score ``model`` on ``val``: each rank predicts every world_size-th image, the evaluator gathers them all;
-    on the main rank the evaluator's summary plus ``images`` (how many were scored), None on the others. float32,
-    as torchvision's reference evaluates."""
+    on the main rank the evaluator's summary plus ``images`` (how many were scored) and
+    ``background_detections_dropped``, None on the others. float32, as torchvision's reference evaluates."""
     shard = torch.utils.data.Subset(val, range(dist_info.rank, len(val), dist_info.world_size))
     loader = torch.utils.data.DataLoader(
         shard,
@@ -445,7 +522,14 @@ def evaluate(
         )
     model.train(was_training)
     evaluator.synchronize()
-    return {**evaluator.summarize(), "images": len(evaluator.image_ids)} if dist_info.is_main else None
+    if not dist_info.is_main:
+        return None
+    # Label-0 (background) detections, which RetinaNet can return, are dropped by the evaluator and counted here.
+    return {
+        **evaluator.summarize(),
+        "images": len(evaluator.image_ids),
+        "background_detections_dropped": evaluator.background_detections,
+    }
 
 
 def metrics_of(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -539,17 +623,61 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
     train, val, ground_truth = load_datasets(args, with_masks=with_masks)
     transform = train_transform(protocol)
     # LVIS: repeat-factor sampling (LVIS appendix B.2, t = 0.001, as detectron2's LVIS configs): our recorded choice
-    sampler_record = (
+    sampler_record: dict[str, Any] = (
         {"kind": "repeat_factor", "threshold": LVIS_REPEAT_THRESHOLD}
         if args.format == "lvis"
         else {"kind": "uniform", "order": "seeded permutation per epoch"}
     )
+    repeat_factors = train.repeat_factors() if args.format == "lvis" else None
+    groups = train.aspect_ratio_groups()
+    sampler_record["aspect_ratio_grouping"] = (
+        {
+            "groups": list(ASPECT_RATIO_GROUPS),
+            "images_per_group": [int((groups == g).sum()) for g in range(len(ASPECT_RATIO_GROUPS))],
+            "unit": "global batch",
+            "as": "detectron2 AspectRatioGroupedDataset",
+        }
+        if args.group_by_aspect_ratio
+        else None
+    )
     image_key = "image_name" if args.format == "voc" else "image_id"  # what each evaluator keys images by
+
+    def make_sampler(start_step: int, total_steps: int) -> engine.StepBatchSampler:
+        """This rank's batches of steps [start_step, total_steps): training, and the precise-BN passes."""
+        common = dict(
+            batch_size=args.batch_size,
+            seed=args.seed,
+            start_step=start_step,
+            total_steps=total_steps,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            accum_steps=args.accum_steps,
+        )
+        if not args.group_by_aspect_ratio:
+            if repeat_factors is not None:
+                return RepeatFactorBatchSampler(repeat_factors=repeat_factors, **common)
+            return engine.StepBatchSampler(dataset_size=len(train), **common)
+        if repeat_factors is not None:
+            epoch_order = functools.partial(repeat_factor_epoch_order, repeat_factors, seed=args.seed)
+        else:
+            epoch_order = functools.partial(uniform_epoch_order, len(train), seed=args.seed)
+        return GroupedBatchSampler(epoch_order=epoch_order, groups=groups, **common)
+
+    def make_train_loader(start_step: int, total_steps: int) -> torch.utils.data.DataLoader:
+        return engine.make_loader(
+            engine.StepSeededDataset(train, transform=SampleTransform(transform), seed=args.seed),
+            batch_sampler=make_sampler(start_step, total_steps),
+            num_workers=args.num_workers,
+            seed=args.seed,
+            collate_fn=collate_detection,
+            pin_memory=device.type == "cuda",
+        )
 
     # ---------------------------------------------------------------------------------------------------- model
     detections_per_img = args.detections_per_img or (
         LVIS_MAX_DETS_PER_IMAGE if args.format == "lvis" else COCO_DETECTIONS_PER_IMAGE
     )
+    score_thresh = args.score_thresh if args.score_thresh is not None else default_score_thresh(args)
     try:
         model, record = build_detector(
             arch,
@@ -560,15 +688,20 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
             pretrained=not (args.no_pretrained or args.eval_only),
             backbone_weights=None if args.eval_only else args.backbone_weights,
             load_fpn_weights=not args.no_fpn_weights,
+            load_head_weights=args.init_heads,
             world_size=dist_info.world_size,
             device_type=device.type,
             detections_per_img=detections_per_img,
+            score_thresh=score_thresh,
             detector_kwargs=detector_settings(args),
         )
     except (ValueError, HubWeightsError) as err:
         raise SystemExit(f"--backbone {args.backbone}: {err}") from None
     memory_format = engine.memory_format(device)
     model.to(device, memory_format=memory_format)
+    batch_norm = batch_norm_record(
+        model, batch_size=args.batch_size, world_size=dist_info.world_size, global_batch=global_batch
+    )
 
     # ------------------------------------------------------------------------------------------------ optimizer
     schedule, schedule_record = resolve_schedule(
@@ -581,7 +714,7 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
     )
     scaler = engine.make_grad_scaler(device, amp=args.amp)
 
-    def run_record(step: int, *, images_evaluated: int) -> dict[str, Any]:
+    def run_record(step: int, result: dict[str, Any]) -> dict[str, Any]:
         """Everything eval.json says besides the metrics (../shared/USERS.md item 3: the protocol is recorded)."""
         return {
             "iter": step,
@@ -596,6 +729,7 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
                 "world_size": dist_info.world_size,
                 "accum_steps": args.accum_steps,
                 "global_batch_size": global_batch,
+                "batch_norm": batch_norm,
                 "amp": args.amp if device.type == "cuda" else "off (CPU)",
                 "device": device.type,
             },
@@ -606,7 +740,10 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
                 ],
                 "test_size": {"min_size": protocol.test_min_size, "max_size": protocol.test_max_size},
                 "detections_per_img": detections_per_img,
-                "images_evaluated": images_evaluated,
+                "score_thresh": score_thresh,
+                "precise_bn": result["precise_bn"],
+                "background_detections_dropped": result["background_detections_dropped"],
+                "images_evaluated": result["images"],
             },
             "versions": {
                 "detpretrain": detpretrain.__version__,
@@ -616,21 +753,46 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
             },
         }
 
-    def run_evaluation(eval_model: torch.nn.Module) -> dict[str, Any] | None:
+    def precise_bn_forward(batch) -> None:
+        images, targets = batch
+        with engine.autocast(device, amp=args.amp):  # the statistics of the forward that training runs
+            model(images_to_device(images, device), targets_to_device(targets, device, with_masks=with_masks))
+
+    def run_evaluation(step: int) -> dict[str, Any] | None:
+        """Score ``model`` at ``step``; where BN is trained, with its statistics recomputed first (precise BN, over
+        the training batches of steps ``step`` .. ``step + precise_bn_iters - 1``) and put back afterwards."""
         if dist_info.distributed:
             # Trained BN's running statistics drift apart per rank after the last step (DDP broadcasts rank 0's
             # before each forward): evaluate every shard with rank 0's, the ones the checkpoint holds.
-            for buffer in eval_model.buffers():
+            for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
-        return evaluate(
-            eval_model,
-            val,
-            make_evaluator(args, ground_truth, val=val, iou_types=iou_types),
-            image_key=image_key,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            dist_info=dist_info,
+        iters = protocol.precise_bn_iters if trained_batch_norms(model) else 0
+        batches = iter(make_train_loader(step, step + iters)) if iters else iter(())
+        with precise_batch_norm(
+            model,
+            batches,
+            forward=precise_bn_forward,
+            num_batches=iters * args.accum_steps,
+            seed=engine.sample_seed(args.seed, step, PRECISE_BN_STREAM + dist_info.rank),
+            device=device,
+        ) as layers:
+            result = evaluate(
+                model,
+                val,
+                make_evaluator(args, ground_truth, val=val, iou_types=iou_types),
+                image_key=image_key,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                dist_info=dist_info,
+            )
+        if result is None:
+            return None
+        precise_bn = (
+            {"layers": layers, "steps": [step, step + iters], "images_per_forward": batch_norm["images_per_forward"]}
+            if layers
+            else {"layers": 0, "why": "no trained BatchNorm" if protocol.precise_bn_iters else "precise_bn_iters=0"}
         )
+        return {**result, "precise_bn": precise_bn}
 
     # --------------------------------------------------------------------------------------------------- resume
     start_step = 0
@@ -641,11 +803,11 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
             raise SystemExit(f"--eval-only --resume auto: {checkpoint_path} does not exist; pass a checkpoint path")
         checkpoint = engine.load_checkpoint(resume_from)
         load_for_evaluation(model, checkpoint, path=resume_from)
-        result = run_evaluation(model)
+        result = run_evaluation(int(checkpoint["step"]))
         eval_path = args.output_dir / EVAL_NAME
         if dist_info.is_main:
             metrics = metrics_of(result)
-            summary = {**metrics, **run_record(int(checkpoint["step"]), images_evaluated=result["images"])}
+            summary = {**metrics, **run_record(int(checkpoint["step"]), result)}
             # This run trained nothing: the weights, and how they were trained, are the checkpoint's.
             del summary["train"], summary["schedule"], summary["seed"]
             summary["model"]["loaded"] = {
@@ -684,30 +846,10 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
             f"{list(schedule.milestones)}, warmup {schedule.warmup_iters}; starting at step {start_step}",
             flush=True,
         )
+        if batch_norm.get("note"):
+            print(f"note: {batch_norm['note']}", flush=True)
     ddp_model = engine.wrap_ddp(model, dist_info)
-
-    sampler_args = dict(
-        batch_size=args.batch_size,
-        seed=args.seed,
-        start_step=start_step,
-        total_steps=schedule.total_iters,
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
-        accum_steps=args.accum_steps,
-    )
-    if args.format == "lvis":
-        sampler = RepeatFactorBatchSampler(repeat_factors=train.repeat_factors(), **sampler_args)
-    else:
-        sampler = engine.StepBatchSampler(dataset_size=len(train), **sampler_args)
-    loader = engine.make_loader(
-        engine.StepSeededDataset(train, transform=SampleTransform(transform), seed=args.seed),
-        batch_sampler=sampler,
-        num_workers=args.num_workers,
-        seed=args.seed,
-        collate_fn=collate_detection,
-        pin_memory=device.type == "cuda",
-    )
-    batches = iter(loader)
+    batches = iter(make_train_loader(start_step, schedule.total_iters))
 
     def compute_losses(batch) -> dict[str, torch.Tensor]:
         images, targets = batch  # lists: uint8 (3, H_i, W_i) at the train size; targets with boxes in those pixels
@@ -755,7 +897,7 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
                 if dist_info.is_main:
                     engine.save_checkpoint(checkpoint_path, state)
             if args.eval_every and done % args.eval_every == 0 and done != schedule.total_iters:
-                record_evaluation(run_evaluation(model), step=done, output_dir=args.output_dir, dist_info=dist_info)
+                record_evaluation(run_evaluation(done), step=done, output_dir=args.output_dir, dist_info=dist_info)
 
     # ------------------------------------------------------------------------------------------------- evaluate
     # A resumed run that had already finished keeps its last evaluation (rank 0's file decides for every rank).
@@ -767,12 +909,12 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
     if final:
         result = final[0]
     else:
-        result = run_evaluation(model)
+        result = run_evaluation(schedule.total_iters)
         record_evaluation(result, step=schedule.total_iters, output_dir=args.output_dir, dist_info=dist_info)
     eval_path = args.output_dir / EVAL_NAME
     if dist_info.is_main:
         metrics = metrics_of(result)
-        write_json(eval_path, {**metrics, **run_record(schedule.total_iters, images_evaluated=result["images"])})
+        write_json(eval_path, {**metrics, **run_record(schedule.total_iters, result)})
         print(f"{eval_path} (AP in points):\n{ap_table(metrics)}", flush=True)
     if dist_info.distributed:
         dist.barrier()

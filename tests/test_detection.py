@@ -83,7 +83,8 @@ def _export(tmp_path, arch=BACKBONE, *, fpn_state=None, seed=0):
     [
         ("predet", [], nn.BatchNorm2d, TwoMLPHead, 4.0, (640, 672, 704, 736, 768, 800), (0.9, 0.9)),
         ("predet_r50", [], nn.BatchNorm2d, FastRCNNConvFCHead, 4.0, (640, 672, 704, 736, 768, 800), (0.9, 0.9)),
-        ("jigsaw", [], FrozenBatchNorm2d, TwoMLPHead, 1.0, (800,), None),
+        # montage_jigsaw.txt names no frozen stage: the references' shared default, stem + stage 1 (our reading)
+        ("jigsaw", ["conv1", "bn1", "layer1"], FrozenBatchNorm2d, TwoMLPHead, 1.0, (800,), None),
         ("standard", ["conv1", "bn1", "layer1"], FrozenBatchNorm2d, TwoMLPHead, 1.0, (800,), None),
     ],
 )
@@ -176,6 +177,14 @@ def test_settings_override_by_name_and_are_recorded():
         override_protocol(PROTOCOLS["predet"], random_crop=(1.5, 0.9))
     with pytest.raises(ValueError, match="NAME=VALUE"):
         parse_settings(["box_head"])
+    d2_off = override_protocol(
+        PROTOCOLS["predet"], **parse_settings(["detector_defaults=torchvision", "precise_bn_iters=0"])
+    )
+    assert d2_off.as_dict()["overrides"] == {"detector_defaults": "torchvision", "precise_bn_iters": 0}
+    with pytest.raises(ValueError, match="detector_defaults='mmdetection' is not one of"):
+        override_protocol(PROTOCOLS["predet"], detector_defaults="mmdetection")
+    with pytest.raises(ValueError, match="precise_bn_iters=-1: use 0"):
+        override_protocol(PROTOCOLS["predet"], precise_bn_iters=-1)
 
 
 def test_size_flags_override_the_protocol_sizes():

@@ -166,6 +166,45 @@ def test_coco_no_detections_score_0():
     assert evaluator.summarize()["bbox"]["AP"] == 0.0
 
 
+def with_background(output: dict, count: int) -> dict:
+    """``output`` with ``count`` detections of label 0 (RetinaNet's background channel) in front, scored highest."""
+    extra = {
+        "boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]], dtype=output["boxes"].dtype).repeat(count, 1),
+        "scores": torch.full((count,), 0.99, dtype=output["scores"].dtype),
+        "labels": torch.zeros(count, dtype=torch.int64),
+    }
+    if "masks" in output:
+        extra["masks"] = torch.ones((count, *output["masks"].shape[1:]), dtype=output["masks"].dtype)
+    return {key: torch.cat([extra[key], value]) for key, value in output.items()}
+
+
+def test_background_detections_are_dropped_and_counted_not_evaluated(tmp_path):
+    """Issue 11, item 17: a detector's label 0 never crashes the evaluator and never changes its numbers."""
+    gt_path, bbox_results, segm_results, expected = coco_files()
+    coco_gt = load_coco_ground_truth(gt_path)
+    image_ids = sorted(coco_gt.imgs)
+    for iou_type, results in (("bbox", bbox_results), ("segm", segm_results)):
+        outputs = to_outputs(json.loads(results.read_text()), image_ids, masks=iou_type == "segm")
+        evaluator = CocoEvaluator(coco_gt, iou_types=iou_type)
+        evaluator.update({i: with_background(outputs[i], 2 if k % 3 == 0 else 0) for k, i in enumerate(image_ids)})
+        assert evaluator.background_detections == 2 * len(image_ids[::3])
+        summary = evaluator.summarize()[iou_type]
+        assert [summary[name] for name in STAT_NAMES] == pytest.approx(expected[iou_type], abs=1e-6)
+    gt = load_voc_ground_truth(write_voc(tmp_path, DOGS))
+    voc = VocEvaluator(gt)
+    dogs = [r for r in DOG_DETECTIONS if r["category"] == "dog"]
+    for name in gt.image_names:
+        mine = [r for r in dogs if r["image_id"] == name]
+        output = {
+            "boxes": torch.tensor([r["box"] for r in mine]).reshape(-1, 4),
+            "scores": torch.tensor([r["score"] for r in mine]),
+            "labels": torch.full((len(mine),), 12),  # 12: dog
+        }
+        voc.update({name: with_background(output, 1)})
+    assert voc.background_detections == len(gt.image_names)
+    assert voc.summarize() == evaluate_voc(gt, dogs)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # LVIS
 # ---------------------------------------------------------------------------------------------------------------------
@@ -561,7 +600,8 @@ def _distributed_worker(rank: int, world_size: int, store: str, voc_root: str, o
         images = sorted(coco.coco_gt.imgs)
         # DistributedSampler's split, with the padding that repeats the first image on the last rank.
         mine = images[rank::world_size] + (images[:1] if rank == world_size - 1 else [])
-        coco.update(to_outputs(json.loads(Path(coco_results).read_text()), mine))
+        outputs = to_outputs(json.loads(Path(coco_results).read_text()), mine)
+        coco.update({image_id: with_background(output, 1) for image_id, output in outputs.items()})
         coco.synchronize()
 
         voc = VocEvaluator(load_voc_ground_truth(voc_root))
@@ -578,7 +618,7 @@ def _distributed_worker(rank: int, world_size: int, store: str, voc_root: str, o
             }
         )
         voc.synchronize()
-        gathered = {"coco": coco.results("bbox"), "voc": voc.results("bbox")}
+        gathered = {"coco": coco.results("bbox"), "voc": voc.results("bbox"), "background": coco.background_detections}
         if rank == 0:
             gathered["summaries"] = {"coco": coco.summarize(), "voc": voc.summarize()}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(gathered))
@@ -598,6 +638,7 @@ def test_distributed_evaluation_gathers_every_rank(tmp_path):
     rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2))
     # Every rank holds every image's detections once, the padded duplicate included only once.
     assert rank0["coco"] == rank1["coco"] and len(rank0["coco"]) == len(json.loads(coco_results.read_text()))
+    assert rank0["background"] == rank1["background"] == 100  # one per image, the padded duplicate counted once
     assert rank0["voc"] == rank1["voc"] and len(rank0["voc"]) == 6
     coco = rank0["summaries"]["coco"]["bbox"]
     assert [coco[name] for name in STAT_NAMES] == pytest.approx(expected["bbox"], abs=1e-6)

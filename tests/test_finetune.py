@@ -25,6 +25,7 @@ from tests.conftest import REPO_ROOT
 from tests.test_detection_data import _voc_xml
 
 TINY = ["--backbone", "test_resnet", "--device", "cpu", "--num-workers", "0", "--quiet", "--log-every", "1"]
+TINY += ["--protocol-set", "precise_bn_iters=1"]  # detectron2's 200 passes before each evaluation: 1 here
 TINY += ["--min-size", "96", "--max-size", "128", "--batch-size", "2", "--detections-per-img", "10"]
 # torchvision's defaults sample 512 ROIs per image and keep 1000 proposals at test time: most of a step at 96 px.
 CHEAP_RCNN = ["--detector-set", "box_batch_size_per_image=32", "rpn_pre_nms_top_n_train=200"]
@@ -80,6 +81,7 @@ def test_reference_run_writes_eval_json_history_curve_and_log(reference):
     result = check_eval_json(eval_path)
     output_dir = eval_path.parent
     assert result["iter"] == 3 and result["model"]["arch"] == "fasterrcnn" and result["eval"]["images_evaluated"] == 2
+    assert result["eval"]["score_thresh"] == 0.05  # COCO: detectron2's and torchvision's test threshold
     assert result["model"]["loaded"]["backbone"]["from"] == "none"
     assert result["model"]["detector"]["torchvision_kwargs"]["box_batch_size_per_image"] == 32
     # The 1x schedule at batch 2 (720k steps, drops at 480k and 640k) compressed into 3 steps: drops at 2 and 3.
@@ -212,9 +214,12 @@ def test_voc_layout_trains_and_reports_the_voc_metric(tmp_path, voc_root):
         *["--format", "voc", "--voc-root", str(voc_root), "--train-sets", "2007-trainval", "--val-sets", "2007-test"],
         *SCRATCH,
         *CHEAP_RCNN,
-        *("--iters", "1"),
+        *("--iters", "1", "--no-filter-empty-images", "--no-group-by-aspect-ratio"),
     )
     result = check_eval_json(eval_path, keys=("AP", "AP50", "AP75"))
+    # Both references' data defaults, switched off: every image kept, the engine's ungrouped order.
+    assert result["train"]["sampler"]["aspect_ratio_grouping"] is None
+    assert result["train"]["data"]["images_without_annotations"]["dropped"] == 0
     assert set(result["voc07"]) == {"mAP"} and -1 <= result["voc07"]["mAP"] <= 1
     assert result["model"]["arch"] == "fasterrcnn" and result["schedule"]["name"] == "voc"  # PreDet's VOC defaults
     assert result["eval"]["metric"] == "detectron2 PASCAL VOC" and result["eval"]["images_evaluated"] == 2
@@ -252,9 +257,15 @@ def test_lvis_layout_trains_with_repeat_factors_and_300_detections(tmp_path, coc
         [*TINY[: TINY.index("--detections-per-img")], *flags, *SCRATCH, *CHEAP_RCNN, "--output-dir", str(tmp_path)]
     )
     result = check_eval_json(finetune.main(args), keys=("AP", "AP50", "AP75", "APr", "APc", "APf"))
-    assert result["model"]["detector"]["torchvision_kwargs"]["box_detections_per_img"] == 300
+    # detectron2's LVISv1 configs: 300 detections per image above a score of 0.0001 (TEST.DETECTIONS_PER_IMAGE,
+    # ROI_HEADS.SCORE_THRESH_TEST)
+    tv_kwargs = result["model"]["detector"]["torchvision_kwargs"]
+    assert tv_kwargs["box_detections_per_img"] == result["eval"]["detections_per_img"] == 300
+    assert tv_kwargs["box_score_thresh"] == result["eval"]["score_thresh"] == 0.0001
     assert result["eval"]["metric"] == "lvis-api"
-    assert result["train"]["sampler"] == {"kind": "repeat_factor", "threshold": 0.001}
+    sampler = result["train"]["sampler"]
+    assert (sampler["kind"], sampler["threshold"]) == ("repeat_factor", 0.001)
+    assert sampler["aspect_ratio_grouping"]["unit"] == "global batch"  # grouped over the repeat-factor stream
 
 
 # ---------------------------------------------------- the embedded default, a train_jigsaw.py export, two seeds

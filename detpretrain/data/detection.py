@@ -19,9 +19,23 @@ for the script's log) and ``describe()`` (a JSON-able record of what was loaded,
 Validation happens once, at load time, and is cheap: the annotation file parses (a malformed file fails with the
 file and the parser's position), every annotation names a listed image and a known category, every image file
 exists. Fixable boxes are fixed and counted: a box that sticks out of the image but overlaps it is clipped; a box of
-non-positive size or entirely outside the image is dropped. Images without annotations are kept: they are the
-negatives of detection training. Pixels are decoded only in ``__getitem__``; an undecodable or truncated file fails
-there, naming the file (``verify_images()`` decodes them all up front, when a run should fail early instead).
+non-positive size or entirely outside the image is dropped. Images without annotations are kept by the readers (an
+evaluation set needs them); ``drop_images_without_annotations()`` leaves them out of a training set, as detectron2
+(DATALOADER.FILTER_EMPTY_ANNOTATIONS, on by default: images without a non-crowd annotation) and torchvision's
+references (``_coco_remove_images_without_annotations``) both do. Pixels are decoded only in ``__getitem__``; an
+undecodable or truncated file fails there, naming the file (``verify_images()`` decodes them all up front, when a
+run should fail early instead).
+
+Batches grouped by aspect ratio. Both references fill each batch with images of one orientation, so that padding
+to the largest image of the batch wastes little: detectron2's ``AspectRatioGroupedDataset`` with two groups
+(width > height, and the rest), torchvision's ``GroupedBatchSampler`` with eight aspect-ratio bins. PreDet
+fine-tuned in detectron2: ``GroupedBatchSampler`` here takes its two groups (``aspect_ratio_groups``). Each group
+keeps the images of the ungrouped epoch stream in order, and a batch is complete when its group has gathered enough
+images, carried over epoch ends, as detectron2's buckets fill. The unit is the global batch of a step, not one
+process's batch as in detectron2: every image of a step shares a group, so the order stays a pure function of
+(seed, step) whatever the number of processes and micro-steps (``detpretrain.engine``, rule 2), and every
+process's batch is grouped. The group is read from the stored image size: the training crop (at most 10% per side)
+can turn a nearly square image to the other orientation.
 
 Per-image entries are kept pickled in one numpy buffer (as detectron2 does), not as a list of Python objects: a
 DataLoader worker forked from the main process then shares them instead of copying every page it touches through
@@ -30,11 +44,12 @@ reference counting, which on COCO grows each worker by gigabytes.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import json
 import logging
 import pickle
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,20 +60,31 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
+from detpretrain.engine import SampleKey, StepBatchSampler
+
 __all__ = [
+    "ASPECT_RATIO_GROUPS",
     "Category",
     "DatasetError",
     "DetectionDataset",
+    "GroupedBatchSampler",
     "ImageEntry",
     "clean_boxes",
     "collate_detection",
     "decode_masks",
     "load_image",
     "read_json",
+    "stream_generator",
     "subset_indices",
+    "uniform_epoch_order",
 ]
 
 logger = logging.getLogger(__name__)
+
+# detectron2's AspectRatioGroupedDataset: bucket 0 for width > height, bucket 1 for the others.
+ASPECT_RATIO_GROUPS = ("width > height", "width <= height")
+# Domain tag of the uniform epoch permutations (lvis.py has its own for the repeat-factor stream).
+_UNIFORM_STREAM = 0x47525031
 
 
 class DatasetError(ValueError):
@@ -235,6 +261,9 @@ class DetectionDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{', '.join(map(str, source.values()))} lists no images; pass a dataset with images")
         self._entries = _SerializedList(entries)
         self._image_ids = np.array([e.image_id for e in entries], dtype=np.int64)
+        self._sizes = np.array([(e.width, e.height) for e in entries], dtype=np.int64)  # (N, 2)
+        self._num_boxes = np.array([len(e.boxes) for e in entries], dtype=np.int64)
+        self.images_without_annotations_dropped = 0
         self.categories = tuple(categories)
         self.with_masks = with_masks
         self.cleaning_report = dict(cleaning_report)
@@ -288,6 +317,10 @@ class DetectionDataset(torch.utils.data.Dataset):
     def image_ids(self) -> list[int]:
         return self._image_ids.tolist()
 
+    def aspect_ratio_groups(self) -> np.ndarray:
+        """(N,) int64: 0 where the image is wider than tall, 1 otherwise (``ASPECT_RATIO_GROUPS``, detectron2's)."""
+        return np.where(self._sizes[:, 0] > self._sizes[:, 1], 0, 1)
+
     def entry(self, index: int) -> ImageEntry:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} is out of range for a dataset of {len(self)} images")
@@ -310,6 +343,10 @@ class DetectionDataset(torch.utils.data.Dataset):
             "num_classes": self.num_classes,
             "with_masks": self.with_masks,
             "cleaning_report": self.cleaning_report,
+            "images_without_annotations": {
+                "kept": int((self._num_boxes == 0).sum()),
+                "dropped": self.images_without_annotations_dropped,
+            },
             "subset": self.subset_info,
         }
 
@@ -318,17 +355,39 @@ class DetectionDataset(torch.utils.data.Dataset):
     def subset(self, indices: Sequence[int], *, record: dict[str, Any] | None = None) -> DetectionDataset:
         """A dataset of the images at ``indices`` (same categories and labels); ``record`` goes into
         ``subset_info`` with the image ids. ``cleaning_report`` stays the report of the whole file's load."""
+        subset = self._select(indices)
+        subset.subset_info = {**(record or {}), "num_images": len(subset), "image_ids": subset.image_ids}
+        return subset
+
+    def _select(self, indices: Sequence[int]) -> DetectionDataset:
+        """A copy holding the images at ``indices`` (distinct, in range), every per-image array with them."""
         indices = [int(i) for i in indices]
         if not indices:
             raise ValueError("a subset needs at least one image index")
         if len(set(indices)) != len(indices) or min(indices) < 0 or max(indices) >= len(self):
             raise ValueError(f"subset indices must be distinct and in 0..{len(self) - 1}")
-        chosen = [self._entries[i] for i in indices]
-        subset = copy.copy(self)
-        subset._entries = _SerializedList(chosen)
-        subset._image_ids = self._image_ids[indices]
-        subset.subset_info = {**(record or {}), "num_images": len(indices), "image_ids": subset.image_ids}
-        return subset
+        selected = copy.copy(self)
+        selected._entries = _SerializedList(self._entries[i] for i in indices)
+        selected._image_ids = self._image_ids[indices]
+        selected._sizes = self._sizes[indices]
+        selected._num_boxes = self._num_boxes[indices]
+        return selected
+
+    def drop_images_without_annotations(self) -> DetectionDataset:
+        """The training set without the images that have no box left after loading (crowd regions, which training
+        leaves out, count as none): detectron2's FILTER_EMPTY_ANNOTATIONS and torchvision's references. Counted in
+        ``describe()["images_without_annotations"]["dropped"]``; a dataset with none to drop is returned as is."""
+        keep = np.flatnonzero(self._num_boxes > 0)
+        if len(keep) == len(self):
+            return self
+        if len(keep) == 0:
+            raise DatasetError(
+                f"none of the {len(self)} images of {', '.join(map(str, self.source.values()))} has an annotation "
+                "to train on; check the file, or train with the images without annotations (--no-filter-empty-images)"
+            )
+        filtered = self._select(keep)
+        filtered.images_without_annotations_dropped = self.images_without_annotations_dropped + len(self) - len(keep)
+        return filtered
 
     def random_subset(self, size: int, *, seed: int) -> DetectionDataset:
         """The low-shot subset of PreDet §5.3 (``--train-subset SIZE --subset-seed SEED``): ``subset_indices``."""
@@ -352,3 +411,121 @@ class DetectionDataset(torch.utils.data.Dataset):
             others = ", ".join(path for path, _ in bad[1:6]) + (", ..." if len(bad) > 6 else "")
             also = f"; also bad: {others}" if len(bad) > 1 else ""
             raise DatasetError(f"{len(bad)} of {len(self)} images cannot be used: {bad[0][1]}{also}")
+
+
+# --------------------------------------------------------------------------------------- grouped batch order
+
+
+def stream_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from non-negative ``keys`` (a domain tag, the seed, the epoch) through numpy's
+    SeedSequence, so that neighbouring keys give unrelated streams."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state >> np.uint64(1)))
+
+
+def uniform_epoch_order(num_images: int, *, seed: int, epoch: int) -> torch.Tensor:
+    """Every dataset index once, in a seeded random order: epoch ``epoch`` of the uniform stream; int64 (N,)."""
+    if num_images < 1 or seed < 0 or epoch < 0:
+        raise ValueError(f"need num_images >= 1, seed >= 0, epoch >= 0; got {num_images}, {seed}, {epoch}")
+    return torch.randperm(num_images, generator=stream_generator(_UNIFORM_STREAM, seed, epoch))
+
+
+class GroupedBatchSampler(StepBatchSampler):
+    """``engine.StepBatchSampler`` whose global batches each hold images of one group (module docstring).
+
+    ``epoch_order(epoch=e)`` gives epoch e of the ungrouped stream (``uniform_epoch_order`` or the repeat-factor
+    stream of ``detpretrain.data.lvis``), ``groups[i]`` the group of dataset index i (``aspect_ratio_groups``).
+    Group g's stream is the concatenation over epochs of the epoch orders' indices of group g; its k-th global
+    batch is positions [k*G, (k+1)*G) of it (G = batch_size * world_size * accum_steps), complete where the stream
+    reaches position (k+1)*G - 1. Global batches follow in the order they complete, whichever their group. Step s
+    takes the s-th; rank r and micro-step m take the same slice of it as ``StepBatchSampler``. Everything is a pure
+    function of (epoch_order, groups, G, s): any step can start without replaying the earlier ones.
+    """
+
+    def __init__(
+        self,
+        *,
+        epoch_order: Callable[..., torch.Tensor],
+        groups: np.ndarray | Sequence[int],
+        batch_size: int,
+        seed: int,
+        start_step: int,
+        total_steps: int,
+        rank: int = 0,
+        world_size: int = 1,
+        accum_steps: int = 1,
+    ) -> None:
+        groups = np.asarray(groups, dtype=np.int64)
+        if groups.ndim != 1 or len(groups) == 0 or groups.min() < 0:
+            raise ValueError(f"groups must be a non-empty 1-D array of group ids >= 0, got shape {groups.shape}")
+        super().__init__(
+            dataset_size=len(groups),
+            batch_size=batch_size,
+            seed=seed,
+            start_step=start_step,
+            total_steps=total_steps,
+            rank=rank,
+            world_size=world_size,
+            accum_steps=accum_steps,
+        )
+        self.epoch_order, self.groups = epoch_order, groups
+        self.num_groups = int(groups.max()) + 1
+        self.global_batch_size = batch_size * world_size * accum_steps
+        self._totals: list[np.ndarray] = []  # per epoch e: images of each group in epochs 0..e, (num_groups,)
+        self._batch_totals: list[int] = []  # per epoch e: global batches complete by the end of epoch e
+        self._cache: dict[int, tuple[list[np.ndarray], list[tuple[int, int]]]] = {}
+
+    def _epoch(self, epoch: int) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        """(the epoch's indices of each group in stream order, the (group, k) of the batches completing in it in
+        the order they complete)."""
+        if epoch not in self._cache:
+            order = np.asarray(self.epoch_order(epoch=epoch), dtype=np.int64)
+            groups = self.groups[order]
+            before = self._total(epoch - 1)
+            members, completions = [], []
+            for g in range(self.num_groups):
+                positions = np.flatnonzero(groups == g)
+                members.append(order[positions])
+                first, end = before[g] // self.global_batch_size, (before[g] + len(positions)) // self.global_batch_size
+                for k in range(first, end):  # batch k of group g ends at group position (k + 1) * G - 1
+                    completions.append((int(positions[(k + 1) * self.global_batch_size - 1 - before[g]]), g, k))
+            if len(self._cache) >= 4:  # a batch reaches back one epoch or two: keep the last few
+                del self._cache[min(self._cache)]
+            self._cache[epoch] = (members, [(g, k) for _, g, k in sorted(completions)])
+        return self._cache[epoch]
+
+    def _total(self, epoch: int) -> np.ndarray:
+        """Images of each group in epochs 0..``epoch`` (zeros for epoch -1)."""
+        if epoch < 0:
+            return np.zeros(self.num_groups, dtype=np.int64)
+        while len(self._totals) <= epoch:
+            order = np.asarray(self.epoch_order(epoch=len(self._totals)), dtype=np.int64)
+            counts = np.bincount(self.groups[order], minlength=self.num_groups)
+            self._totals.append(self._total(len(self._totals) - 1) + counts)
+            self._batch_totals.append(int((self._totals[-1] // self.global_batch_size).sum()))
+        return self._totals[epoch]
+
+    def global_batch_indices(self, step: int) -> list[int]:
+        """Dataset indices of the global batch at ``step``, all of one group."""
+        if step < 0:
+            raise ValueError(f"step {step} must be >= 0")
+        while not self._batch_totals or self._batch_totals[-1] <= step:
+            self._total(len(self._totals))
+        epoch = bisect.bisect_right(self._batch_totals, step)  # the epoch in which batch ``step`` completes
+        group, k = self._epoch(epoch)[1][step - (self._batch_totals[epoch - 1] if epoch else 0)]
+        start, end = k * self.global_batch_size, (k + 1) * self.global_batch_size
+        first = epoch  # the epoch holding the batch's first image: this one, or an earlier one for carried images
+        while first > 0 and self._total(first - 1)[group] > start:
+            first -= 1
+        indices: list[int] = []
+        for e in range(first, epoch + 1):
+            offset = int(self._total(e - 1)[group])
+            indices.extend(self._epoch(e)[0][group][max(start - offset, 0) : end - offset].tolist())
+        return indices
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        for step in range(self.start_step, self.total_steps):
+            indices = self.global_batch_indices(step)
+            for micro_step in range(self.accum_steps):
+                begin = (micro_step * self.world_size + self.rank) * self.batch_size
+                yield [SampleKey(step, index) for index in indices[begin : begin + self.batch_size]]

@@ -15,16 +15,20 @@ annotated (``not_exhaustive_category_ids``): the evaluator reads them from the j
 (``neg_category_ids(index)``, ``not_exhaustive_category_ids(index)``) with each category's ``frequency``
 (r / c / f), for federated losses or per-frequency analysis.
 
-Our recorded choices for LVIS (not from the PreDet paper, which defers to detectron2's LVIS recipe): repeat-factor
-sampling with threshold t = 0.001, and up to 300 detections per image at test time (lvis-api's default; the
-evaluator's ``LVIS_MAX_DETS_PER_IMAGE``; set the detector's ``box_detections_per_img=300``).
+Our recorded choices for LVIS (not from the PreDet paper, which defers to detectron2's LVIS recipe; these are
+detectron2's LVISv1 configs): repeat-factor sampling with threshold t = 0.001, and at test time up to 300 detections
+per image (lvis-api's default; the evaluator's ``LVIS_MAX_DETS_PER_IMAGE``; the detector's
+``box_detections_per_img=300``) at a score threshold of 0.0001 (``LVIS_SCORE_THRESH``; ROI_HEADS.SCORE_THRESH_TEST),
+where COCO's 0.05 would drop the low-scoring detections that rare categories mostly get.
 
 Repeat-factor sampling: category c has frequency f(c) = (images annotated with c) / (images in the dataset, those
 without annotations included) and factor r(c) = max(1, sqrt(t / f(c))); an image repeats r(I) = max over its
 categories of r(c) times per epoch (1 for an image without annotations). Fractional factors are rounded
-stochastically each epoch (floor(r) + 1 with probability r - floor(r)), from a generator seeded by (seed, epoch).
-``RepeatFactorBatchSampler`` is the engine's ``StepBatchSampler`` over that stream: the data of step s is a pure
-function of (seed, s), so a resumed run continues exactly and W processes of batch B see what one of batch W*B sees.
+stochastically each epoch (floor(r) + 1 with probability r - floor(r)), from a generator seeded by (seed, epoch),
+and the epoch is shuffled (``repeat_factor_epoch_order``). ``RepeatFactorBatchSampler`` is the engine's
+``StepBatchSampler`` over that stream: the data of step s is a pure function of (seed, s), so a resumed run
+continues exactly and W processes of batch B see what one of batch W*B sees. Grouped by aspect ratio, the same stream
+feeds ``detpretrain.data.detection.GroupedBatchSampler``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import numpy as np
 import torch
 
 from detpretrain.data.coco import parse_coco_json
-from detpretrain.data.detection import DatasetError, DetectionDataset, read_json
+from detpretrain.data.detection import DatasetError, DetectionDataset, read_json, stream_generator
 from detpretrain.engine import SampleKey, StepBatchSampler
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "RepeatFactorBatchSampler",
     "lvis_image_file",
     "repeat_factor_epoch_indices",
+    "repeat_factor_epoch_order",
     "repeat_factors_from_category_frequency",
 ]
 
@@ -186,11 +191,6 @@ def repeat_factors_from_category_frequency(
     )
 
 
-def _generator(*keys: int) -> torch.Generator:
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state >> np.uint64(1)))
-
-
 def _check_factors(repeat_factors: torch.Tensor | Sequence[float]) -> torch.Tensor:
     factors = torch.as_tensor(repeat_factors, dtype=torch.float64)
     if factors.ndim != 1 or len(factors) == 0:
@@ -209,10 +209,16 @@ def repeat_factor_epoch_indices(
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed {seed} and epoch {epoch} must be >= 0")
     whole = torch.floor(factors)
-    draws = torch.rand(len(factors), generator=_generator(_ROUNDING_STREAM, seed, epoch), dtype=torch.float64)
+    draws = torch.rand(len(factors), generator=stream_generator(_ROUNDING_STREAM, seed, epoch), dtype=torch.float64)
     counts = (whole + (draws < factors - whole).double()).long()
     # numpy's repeat: torch.repeat_interleave with a tensor of counts costs milliseconds even for tiny inputs.
     return torch.from_numpy(np.repeat(np.arange(len(factors), dtype=np.int64), counts.numpy()))
+
+
+def repeat_factor_epoch_order(repeat_factors: torch.Tensor | Sequence[float], *, seed: int, epoch: int) -> torch.Tensor:
+    """Epoch ``epoch`` of the repeat-factor stream: ``repeat_factor_epoch_indices`` shuffled; int64 (L,)."""
+    indices = repeat_factor_epoch_indices(repeat_factors, seed=seed, epoch=epoch)
+    return indices[torch.randperm(len(indices), generator=stream_generator(_PERMUTATION_STREAM, seed, epoch))]
 
 
 class RepeatFactorBatchSampler(StepBatchSampler):
@@ -254,12 +260,10 @@ class RepeatFactorBatchSampler(StepBatchSampler):
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The shuffled, repeated dataset indices of ``epoch``."""
         if epoch not in self._cache:
-            indices = repeat_factor_epoch_indices(self.repeat_factors, seed=self.seed, epoch=epoch)
-            order = torch.randperm(len(indices), generator=_generator(_PERMUTATION_STREAM, self.seed, epoch))
             # A batch spans at most two epochs: keep the last few only.
             if len(self._cache) >= 3:
                 del self._cache[min(self._cache)]
-            self._cache[epoch] = indices[order]
+            self._cache[epoch] = repeat_factor_epoch_order(self.repeat_factors, seed=self.seed, epoch=epoch)
         return self._cache[epoch]
 
     def _epoch_length(self, epoch: int) -> int:

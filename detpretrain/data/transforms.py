@@ -19,9 +19,10 @@ The fine-tuning augmentations (``train_transforms``), in this order:
    flags.
    As in detectron2, the crop comes before the resize.
 2. ``ResizeShortestEdge``: the short side to a size drawn from a set (PreDet's multi-scale {640, 672, ..., 800},
-   ``MULTISCALE_SHORT_SIDES``) or uniformly from an integer range (``LOW_SHOT_SHORT_RANGE`` = [512, 800], PreDet §5.3
-   after He et al. [19]), the long side capped at ``max_size`` (1333), sizes rounded as detectron2 rounds them;
-   bilinear with antialiasing for the image, nearest for masks.
+   ``MULTISCALE_SHORT_SIDES``; on VOC {480, 512, ..., 800}, ``VOC_SHORT_SIDES``, our reading) or uniformly from an
+   integer range (``LOW_SHOT_SHORT_RANGE`` = [512, 800], PreDet §5.3 after He et al. [19]), the long side capped at
+   ``max_size`` (1333), sizes rounded as detectron2 rounds them; bilinear with antialiasing for the image, nearest
+   for masks.
 3. ``RandomHorizontalFlip(p=0.5)``.
 
 Test time: the short side to 800 (max 1333), no crop or flip.
@@ -53,6 +54,7 @@ __all__ = [
     "MULTISCALE_SHORT_SIDES",
     "PER_BOX_KEYS",
     "TEST_SHORT_SIDE",
+    "VOC_SHORT_SIDES",
     "Compose",
     "RandomCrop",
     "RandomHorizontalFlip",
@@ -68,6 +70,9 @@ __all__ = [
 
 MULTISCALE_SHORT_SIDES = (640, 672, 704, 736, 768, 800)  # PreDet §4.2, fine-tuning on COCO
 LOW_SHOT_SHORT_RANGE = (512, 800)  # PreDet §5.3 low-shot subsets, after He et al. [19]
+# PreDet §4.2 states for VOC the recipe of MoCo's detection/configs/pascal_voc_R_50_C4_24k.yaml (24k iterations,
+# lr 0.02, drops at 18k and 22k), whose MIN_SIZE_TRAIN is this; the self-supervised VOC configs share it.
+VOC_SHORT_SIDES = tuple(range(480, 801, 32))
 TEST_SHORT_SIDE = 800
 MAX_SIZE = 1333  # detectron2's and torchvision's cap on the long side
 

@@ -5,18 +5,18 @@ Architectures (``ARCHS``):
 - ``fasterrcnn``, ``maskrcnn``: torchvision's FasterRCNN / MaskRCNN on ``TimmFPN`` (P2-P5 from C2-C5, P6 by max
   pool for the RPN only); anchors 32..512, one size per level x ratios (0.5, 1, 2); RoIAlign 7x7 (box) and 14x14
   (mask) on P2-P5; box head per the protocol (2fc: TwoMLPHead 1024; 4conv1fc: FastRCNNConvFCHead 4 x 256 conv +
-  1 x 1024 fc); mask head MaskRCNNHeads (4 x 256 conv) and MaskRCNNPredictor. RPN and ROI sampling are
-  torchvision's defaults.
+  1 x 1024 fc); mask head MaskRCNNHeads (4 x 256 conv) and MaskRCNNPredictor. RPN and ROI sampling (256 anchors
+  and 512 proposals per image, IoU thresholds 0.3/0.7 and 0.5) are torchvision's defaults, the same as detectron2's.
 - ``retinanet``: torchvision's RetinaNet on ``TimmFPN`` over C3-C5 with P6 and P7 from C5 (``LastLevelP6P7``), as
   the RetinaNet paper and detectron2 (torchvision's v2 model takes P5 instead); anchors 32..512 x 2^(0, 1/3, 2/3)
-  x (0.5, 1, 2) per level, detectron2's exact sizes (torchvision's v1 rounds them down to integers).
+  x (0.5, 1, 2) per level (the sizes as the defaults below say).
 - ``fasterrcnn_c4``: Faster R-CNN C4, the Jigsaw paper's main table (montage_jigsaw.txt Tab. 3; PAPER_NOTES,
   "Faster R-CNN C4"). torchvision has no C4 model; it is built from torchvision's parts like detectron2's
   Res5ROIHeads: stem..res4 give one stride-16 map; the RPN runs on it with 15 anchors (32..512 x 3 ratios); RoIAlign
   14x14; the ROI head is the backbone's res5 stage (its first block strides 2: 14 -> 7) initialized from the same
   pre-trained weights, then global average pooling and FastRCNNPredictor. The paper credits that transfer of res5
   for its C4 gain (§4.2), so res5 is a copy of the pre-trained stage, never a fresh one. RPN top-k are detectron2's
-  C4 values (12000/2000 train, 6000/1000 test).
+  Base-RCNN-C4 values (12000/2000 train, 6000/1000 test) under both defaults: torchvision has no C4 values.
 
 The protocol (``detpretrain.detection.protocols``) sets the backbone norm and frozen stages, FPN and head norms, the
 box head, and the sizes. The model's transform (``ProtocolTransform``) always resizes test images (torchvision's
@@ -24,11 +24,31 @@ GeneralizedRCNNTransform would test at ``min_size[-1]`` with the train ``max_siz
 ``train()`` / ``eval()``); training images are resized by the dataset transform (``train_resize="dataset"``, the
 default, so the random size comes from the sample's generator) or by the model (``"model"``).
 
+Detector defaults (``protocol.detector_defaults``). PreDet fine-tuned in detectron2, whose defaults differ from
+torchvision's on a few points; the ``predet`` presets take detectron2's wherever torchvision's classes let us set
+them, the ``jigsaw`` and ``standard`` presets torchvision's (``detpretrain.detection.parts`` holds the parts):
+
+    point                                   "detectron2" (predet presets)         "torchvision" (jigsaw, standard)
+    RoIAlign (box, mask, C4)                ROIAlignV2: aligned, sampling 0       not aligned, sampling_ratio 2
+    RPN post-NMS top-n in training (FPN)    1000 per image (POST_NMS_TOPK_TRAIN)  2000 per image
+    anchors                                 unrounded, nominal level strides      rounded to whole pixels, stride =
+                                                                                  padded size // map size
+    RetinaNet anchor sizes                  32 x 2^(k/3) as computed              int(32 x 2^(k/3)): 32, 40, 50, ...
+                                                                                  (torchvision's retinanet v1)
+
+Both: box decoding in float32 under any autocast (``parts.Float32BoxCoder``), float32 anchors. Not settable in
+torchvision's classes, so torchvision's under both defaults (the record lists them): the box regression loss of the
+RPN and ROI heads is smooth L1 with beta 1/9 (detectron2: L1, SMOOTH_L1_BETA 0); RetinaNet regresses with L1 and
+normalizes its losses per image by the foreground count (detectron2: smooth L1 with beta 0.1, a normalizer averaged
+over iterations).
+
 Weights (``build_detector``): ``pretrained=True`` lets timm load the backbone name's weights (a zoo tag such as
 ``resnet50.jigsaw``, any timm tag, ``hf-hub:org/repo``); ``backbone_weights=PATH`` builds without them and loads
 a local export (or .safetensors / .pth) strictly with ``detpretrain.hub.load_weights``, then the export's
-``fpn.safetensors`` (PreDet's pre-trained FPN) into the detector's FPN, level by level. The returned record says
-which parts loaded from where; finetune.py writes it into eval.json.
+``fpn.safetensors`` (PreDet's pre-trained FPN) into the detector's FPN, level by level, and its
+``heads.safetensors`` (PreDet's heads) into the RPN conv and the 2fc box head where shapes match
+(``detpretrain.detection.predet_heads``). The returned record says which parts loaded from where; finetune.py writes
+it into eval.json.
 
 SyncBN: with ``syncbn_when_distributed`` and more than one process, every trained BatchNorm (backbone and heads)
 becomes SyncBatchNorm. torch's SyncBatchNorm trains only on GPU-like devices (CUDA, XPU, HPU); on CPU (gloo) each
@@ -51,7 +71,7 @@ import torch
 from timm.layers import convert_sync_batchnorm
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
-from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
@@ -61,6 +81,8 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from detpretrain.backbone import TimmFPN, create_body, group_norm
+from detpretrain.detection.parts import AlignedRoIPooler, DetectorAnchorGenerator, Float32BoxCoder
+from detpretrain.detection.predet_heads import HEADS_FILE, load_predet_heads
 from detpretrain.detection.protocols import Protocol, override_protocol
 from detpretrain.hub import check_keys, load_weights, read_weights
 from detpretrain.zoo import find_entry
@@ -77,6 +99,10 @@ FPN_LEVELS = ("0", "1", "2", "3")  # P2-P5, TimmFPN's names
 OUT_INDICES = {"fasterrcnn": (1, 2, 3, 4), "maskrcnn": (1, 2, 3, 4), "retinanet": (2, 3, 4), "fasterrcnn_c4": (3, 4)}
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
+TORCHVISION_SAMPLING = 2  # the RoIAlign sampling_ratio of torchvision's own detectors
+# detectron2's Base-RCNN-FPN keeps 1000 proposals per image in training (RPN.POST_NMS_TOPK_TRAIN; torchvision 2000);
+# the other RPN top-n (2000 per level before NMS in training, 1000 / 1000 at test time) are the same in both.
+DETECTRON2_FPN_RPN_TOP_N = dict(rpn_post_nms_top_n_train=1000)
 # detectron2's Base-RCNN-C4 (PRE_NMS_TOPK_TEST 6000, POST_NMS_TOPK_TEST 1000) and its defaults for training.
 C4_RPN_TOP_N = dict(
     rpn_pre_nms_top_n_train=12000,
@@ -145,8 +171,18 @@ def _norm_layer(kind: str):
     return {"none": None, "bn": nn.BatchNorm2d, "gn": group_norm}[kind]
 
 
-def _rpn(in_channels: int, sizes_per_level: tuple[tuple[int, ...], ...]) -> tuple[AnchorGenerator, RPNHead]:
-    anchors = AnchorGenerator(sizes_per_level, (ASPECT_RATIOS,) * len(sizes_per_level))
+def _anchor_generator(
+    sizes_per_level: tuple[tuple[float, ...], ...], *, exact: bool, strides: tuple[int, ...]
+) -> DetectorAnchorGenerator:
+    return DetectorAnchorGenerator(
+        sizes_per_level, (ASPECT_RATIOS,) * len(sizes_per_level), exact=exact, strides=strides if exact else None
+    )
+
+
+def _rpn(
+    in_channels: int, sizes_per_level: tuple[tuple[float, ...], ...], *, exact: bool, strides: tuple[int, ...]
+) -> tuple[DetectorAnchorGenerator, RPNHead]:
+    anchors = _anchor_generator(sizes_per_level, exact=exact, strides=strides)
     return anchors, RPNHead(in_channels, anchors.num_anchors_per_location()[0])
 
 
@@ -156,6 +192,29 @@ def _box_head(protocol: Protocol) -> nn.Module:
     return FastRCNNConvFCHead(
         (FPN_CHANNELS, 7, 7), [256, 256, 256, 256], [1024], norm_layer=_norm_layer(protocol.head_norm)
     )
+
+
+def _aligned_poolers(model: nn.Module, strides: tuple[int, ...]) -> None:
+    """detectron2's ROIAlignV2 in place of the ROI heads' MultiScaleRoIAlign (torchvision's constructors accept no
+    other pooler type): the same maps and output sizes."""
+    for name in ("box_roi_pool", "mask_roi_pool"):
+        pool = getattr(model.roi_heads, name, None)
+        if pool is not None:
+            size = pool.output_size[0]
+            setattr(
+                model.roi_heads,
+                name,
+                AlignedRoIPooler(featmap_names=pool.featmap_names, strides=strides, output_size=size),
+            )
+
+
+def _float32_box_coders(model: nn.Module) -> None:
+    """``Float32BoxCoder`` for every box coder torchvision's classes hold (RPN, ROI heads, RetinaNet and its
+    regression head), with the same weights and clip."""
+    for module in model.modules():
+        coder = getattr(module, "box_coder", None)
+        if isinstance(coder, BoxCoder):
+            module.box_coder = Float32BoxCoder(coder.weights, coder.bbox_xform_clip)
 
 
 def _split_res5(full: nn.Module, backbone: str, protocol: Protocol, norm: str) -> tuple[nn.Module, nn.Module]:
@@ -254,61 +313,77 @@ def _load_fpn(fpn: FeaturePyramidNetwork, path: Path, levels: tuple[int, ...]) -
 
 
 def _c4_detector(
-    features: C4Backbone, res5: nn.Module, res5_channels: int, num_classes: int, tv_kwargs: dict[str, Any]
+    features: C4Backbone, res5: nn.Module, res5_channels: int, num_classes: int, *, exact: bool, tv_kwargs: dict
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Faster R-CNN C4 from torchvision's parts: RPN on C4, RoIAlign 14x14, res5 + average pool as the box head."""
-    anchors, rpn_head = _rpn(features.out_channels, (ANCHOR_SIZES,))
+    stride = features.body.feature_info.reduction()[-1]
+    anchors, rpn_head = _rpn(features.out_channels, (ANCHOR_SIZES,), exact=exact, strides=(stride,))
     box_head = nn.Sequential(OrderedDict(res5=res5, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(start_dim=1)))
     model = FasterRCNN(
         features,
         num_classes=None,  # torchvision wants None when the predictor is given
         rpn_anchor_generator=anchors,
         rpn_head=rpn_head,
-        # detectron2's C4 pooler: 14x14, adaptive sampling (POOLER_SAMPLING_RATIO 0) on the stride-16 map
-        box_roi_pool=MultiScaleRoIAlign(featmap_names=["0"], output_size=14, sampling_ratio=0),
+        # 14x14 on the stride-16 map, as detectron2's C4 (POOLER_RESOLUTION 14); alignment and sampling follow the
+        # detector defaults (replaced below by ROIAlignV2 for detectron2's)
+        box_roi_pool=MultiScaleRoIAlign(featmap_names=["0"], output_size=14, sampling_ratio=TORCHVISION_SAMPLING),
         box_head=box_head,
         box_predictor=FastRCNNPredictor(res5_channels, num_classes),
         **tv_kwargs,
     )
+    if exact:
+        _aligned_poolers(model, (stride,))
     return model, {"anchors": [list(ANCHOR_SIZES)], "box_roi_align": 14, "box_head": "res5"}
 
 
 def _rcnn_fpn(
-    arch: str, features: TimmFPN, num_classes: int, protocol: Protocol, tv_kwargs: dict[str, Any]
+    arch: str, features: TimmFPN, num_classes: int, protocol: Protocol, *, exact: bool, tv_kwargs: dict
 ) -> tuple[nn.Module, dict[str, Any]]:
     """torchvision's FasterRCNN / MaskRCNN on the FPN, with the protocol's box head and head norm."""
-    anchors, rpn_head = _rpn(FPN_CHANNELS, tuple((size,) for size in ANCHOR_SIZES))
+    strides = tuple(features.body.feature_info.reduction())  # P2-P5, the pooled maps
+    anchor_strides = (*strides, 2 * strides[-1])  # P6 is P5 max-pooled with stride 2
+    anchors, rpn_head = _rpn(FPN_CHANNELS, tuple((size,) for size in ANCHOR_SIZES), exact=exact, strides=anchor_strides)
+    pool = dict(featmap_names=list(FPN_LEVELS), sampling_ratio=TORCHVISION_SAMPLING)
     common = dict(
         num_classes=None,
         rpn_anchor_generator=anchors,
         rpn_head=rpn_head,
-        box_roi_pool=MultiScaleRoIAlign(featmap_names=list(FPN_LEVELS), output_size=7, sampling_ratio=2),
+        box_roi_pool=MultiScaleRoIAlign(output_size=7, **pool),
         box_head=_box_head(protocol),
         box_predictor=FastRCNNPredictor(1024, num_classes),
         **tv_kwargs,
     )
     settings: dict[str, Any] = {"anchors": [[size] for size in ANCHOR_SIZES], "box_roi_align": 7}
     if arch == "fasterrcnn":
-        return FasterRCNN(features, **common), settings
-    mask_head = MaskRCNNHeads(FPN_CHANNELS, [256, 256, 256, 256], 1, norm_layer=_norm_layer(protocol.head_norm))
-    model = MaskRCNN(
-        features,
-        mask_roi_pool=MultiScaleRoIAlign(featmap_names=list(FPN_LEVELS), output_size=14, sampling_ratio=2),
-        mask_head=mask_head,
-        mask_predictor=MaskRCNNPredictor(256, 256, num_classes),
-        **common,
-    )
-    return model, {**settings, "mask_roi_align": 14}
+        model = FasterRCNN(features, **common)
+    else:
+        mask_head = MaskRCNNHeads(FPN_CHANNELS, [256, 256, 256, 256], 1, norm_layer=_norm_layer(protocol.head_norm))
+        model = MaskRCNN(
+            features,
+            mask_roi_pool=MultiScaleRoIAlign(output_size=14, **pool),
+            mask_head=mask_head,
+            mask_predictor=MaskRCNNPredictor(256, 256, num_classes),
+            **common,
+        )
+        settings["mask_roi_align"] = 14
+    if exact:
+        _aligned_poolers(model, strides)
+    return model, settings
 
 
 def _retinanet(
-    features: TimmFPN, num_classes: int, protocol: Protocol, tv_kwargs: dict[str, Any]
+    features: TimmFPN, num_classes: int, protocol: Protocol, *, exact: bool, tv_kwargs: dict
 ) -> tuple[nn.Module, dict[str, Any]]:
     """torchvision's RetinaNet on P3-P7. ``num_classes`` counts background like the R-CNNs, so that labels mean
     the same in every arch; the sigmoid head's channel 0 is then never a positive (torchvision's own convention)."""
     octave_scales = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
-    sizes = tuple(tuple(size * scale for scale in octave_scales) for size in ANCHOR_SIZES)
-    anchors = AnchorGenerator(sizes, (ASPECT_RATIOS,) * len(sizes))
+    if exact:  # detectron2's RetinaNet: ANCHOR_GENERATOR.SIZES [[x, x * 2**(1/3), x * 2**(2/3)] for x in 32..512]
+        sizes = tuple(tuple(size * scale for scale in octave_scales) for size in ANCHOR_SIZES)
+    else:  # torchvision's retinanet_resnet50_fpn (_default_anchorgen) rounds them down to whole pixels
+        sizes = tuple(tuple(int(size * scale) for scale in octave_scales) for size in ANCHOR_SIZES)
+    c5_stride = features.body.feature_info.reduction()[-1]
+    strides = (*features.body.feature_info.reduction(), 2 * c5_stride, 4 * c5_stride)  # P3-P5, then P6 and P7
+    anchors = _anchor_generator(sizes, exact=exact, strides=strides)
     head = RetinaNetHead(
         FPN_CHANNELS, anchors.num_anchors_per_location()[0], num_classes, norm_layer=_norm_layer(protocol.head_norm)
     )
@@ -326,6 +401,40 @@ def _fpn_weights(fpn: FeaturePyramidNetwork, weights: Path | None, *, levels: tu
     if not load:
         return {"from": "none", "reason": "load_fpn_weights=False: the FPN starts from scratch"}
     return _load_fpn(fpn, weights / "fpn.safetensors", levels)
+
+
+def _head_weights(model: nn.Module, weights: Path | None, *, load: bool) -> dict:
+    """Load the export's heads.safetensors (PreDet's heads) when there is one (and ``load``); the record says what
+    was initialized from it and why the rest was not."""
+    if weights is None or not weights.is_dir():
+        reason = "backbone_weights is a file, not an export folder" if weights else "no backbone_weights export"
+        return {"from": "none", "reason": f"{reason}: the heads start from scratch"}
+    if not (weights / HEADS_FILE).is_file():
+        return {"from": "none", "reason": f"{weights} has no {HEADS_FILE}: the heads start from scratch"}
+    if not load:
+        return {"from": "none", "reason": "load_head_weights=False: the heads start from scratch"}
+    return load_predet_heads(model, weights / HEADS_FILE)
+
+
+def _defaults_record(arch: str, *, exact: bool) -> dict[str, Any]:
+    """What ``detector_defaults`` fixed (the module docstring's table), and what torchvision fixes under both."""
+    record: dict[str, Any] = {
+        "anchor_generator": {
+            "cell_anchors": "unrounded" if exact else "rounded to whole pixels",
+            "strides": "nominal per level" if exact else "padded image size // map size",
+            "dtype": "float32",
+        },
+        "box_decoding": "float32 under any autocast",
+    }
+    if arch == "retinanet":
+        record["losses_fixed_by_torchvision"] = (
+            "L1 box regression, focal loss normalized per image by its foreground count (detectron2: smooth L1 "
+            "beta 0.1, a normalizer averaged over iterations)"
+        )
+    else:
+        record["roi_align"] = {"aligned": exact, "sampling_ratio": 0 if exact else TORCHVISION_SAMPLING}
+        record["losses_fixed_by_torchvision"] = "smooth L1 beta 1/9 in the RPN and ROI box losses (detectron2: L1)"
+    return record
 
 
 def _batch_norm_mode(protocol: Protocol, *, world_size: int, device_type: str) -> tuple[bool, str]:
@@ -357,6 +466,7 @@ def build_detector(
     pretrained: bool = True,
     backbone_weights: str | Path | None = None,
     load_fpn_weights: bool = True,
+    load_head_weights: bool = True,
     norm: str | None = None,
     min_size: int | tuple[int, ...] | None = None,
     max_size: int | None = None,
@@ -372,19 +482,20 @@ def build_detector(
 
     ``pretrained``: timm loads ``backbone``'s own weights (False: from scratch). ``backbone_weights``: a local
     export folder (or .safetensors / .pth) loaded strictly instead, plus the folder's ``fpn.safetensors`` when the
-    detector has an FPN and ``load_fpn_weights``. ``norm`` (the script's ``--norm``), ``min_size`` (one short
-    side, or several to draw from in training; the test size is the largest) and ``max_size`` override the
-    protocol. ``train_resize``: "dataset" (the dataset transform resizes training images to the protocol's train
-    sizes and the model leaves them; the wiring ``detpretrain.data.transforms`` recommends) or "model" (the model
-    draws the size); test images are always resized by the model. ``world_size`` and ``device_type`` decide
-    SyncBatchNorm. ``detections_per_img`` (COCO 100, LVIS 300)
-    and ``score_thresh`` apply at test time; ``detector_kwargs`` go to the torchvision class (e.g.
-    ``box_batch_size_per_image``).
+    detector has an FPN and ``load_fpn_weights``, and its ``heads.safetensors`` (PreDet's heads: the RPN conv and
+    the 2fc box head, ``detpretrain.detection.predet_heads``) when ``load_head_weights``. ``norm`` (the script's
+    ``--norm``), ``min_size`` (one short side, or several to draw from in training; the test size is the largest)
+    and ``max_size`` override the protocol. ``train_resize``: "dataset" (the dataset transform resizes training
+    images to the protocol's train sizes and the model leaves them; the wiring ``detpretrain.data.transforms``
+    recommends) or "model" (the model draws the size); test images are always resized by the model. ``world_size``
+    and ``device_type`` decide SyncBatchNorm. ``detections_per_img`` (COCO 100, LVIS 300) and ``score_thresh``
+    (COCO 0.05, LVIS 0.0001) apply at test time; ``detector_kwargs`` go to the torchvision class (e.g.
+    ``box_batch_size_per_image``) and win over the values the protocol's ``detector_defaults`` set.
 
     ``record`` (for eval.json): ``arch``, ``backbone``, ``num_classes``, ``protocol`` (every setting in effect,
-    overrides included), ``batch_norm``, ``detector`` (the settings fixed here), and ``loaded``: for
-    ``backbone``, ``fpn`` and (C4) ``res5_head``, where the weights came from (``from``: zoo, timm, hf-hub,
-    local-dir, export, file, or none with a ``reason``).
+    overrides included), ``batch_norm``, ``detector`` (the settings fixed here, with what torchvision fixes that
+    detectron2 does otherwise), and ``loaded``: for ``backbone``, ``fpn``, ``heads`` and (C4) ``res5_head``, where
+    the weights came from (``from``: zoo, timm, hf-hub, local-dir, export, file, or none with a ``reason``).
     """
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r} is not one of {ARCHS}")
@@ -440,14 +551,19 @@ def build_detector(
         tv_kwargs: dict[str, Any] = dict(detections_per_img=detections_per_img, score_thresh=score_thresh)
     else:
         tv_kwargs = dict(box_detections_per_img=detections_per_img, box_score_thresh=score_thresh)
+    exact = protocol.detector_defaults == "detectron2"
     if arch == "fasterrcnn_c4":
         tv_kwargs.update(C4_RPN_TOP_N)
+    elif arch != "retinanet" and exact:
+        tv_kwargs.update(DETECTRON2_FPN_RPN_TOP_N)
     tv_kwargs.update(detector_kwargs or {})
 
     if arch == "fasterrcnn_c4":
         res5_channels = body.feature_info.channels()[-1]
         body, res5 = _split_res5(body, backbone, protocol, body_norm)
-        model, settings = _c4_detector(C4Backbone(body), res5, res5_channels, num_classes, tv_kwargs)
+        model, settings = _c4_detector(
+            C4Backbone(body), res5, res5_channels, num_classes, exact=exact, tv_kwargs=tv_kwargs
+        )
         loaded["fpn"] = {"from": "none", "reason": "fasterrcnn_c4 has no FPN"}
         loaded["res5_head"] = {**loaded["backbone"], "module": "roi_heads.box_head.res5"}
     else:
@@ -456,11 +572,14 @@ def build_detector(
             body, out_channels=FPN_CHANNELS, extra_blocks=extra, norm_layer=_norm_layer(protocol.fpn_norm)
         )
         if arch == "retinanet":
-            model, settings = _retinanet(features, num_classes, protocol, tv_kwargs)
+            model, settings = _retinanet(features, num_classes, protocol, exact=exact, tv_kwargs=tv_kwargs)
             settings["p6_p7_from"] = "P5" if extra.use_P5 else "C5"  # torchvision uses P5 when C5 has 256 channels
         else:
-            model, settings = _rcnn_fpn(arch, features, num_classes, protocol, tv_kwargs)
+            model, settings = _rcnn_fpn(arch, features, num_classes, protocol, exact=exact, tv_kwargs=tv_kwargs)
         loaded["fpn"] = _fpn_weights(features.fpn, weights, levels=out_indices, load=load_fpn_weights)
+    loaded["heads"] = _head_weights(model, weights, load=load_head_weights)
+    _float32_box_coders(model)
+    settings.update(_defaults_record(arch, exact=exact))
 
     model.transform = ProtocolTransform(
         train_min_sizes=protocol.train_min_sizes,

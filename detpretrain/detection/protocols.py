@@ -14,9 +14,21 @@ protocol is a value that is built, overridden setting by setting, and written wh
   SyncBN) normalize the head convs with BN, not GN: ``head_norm="bn"``. They also put SyncBN in the FPN; PreDet
   names only the head, and its pre-trained FPN has no norm, so we keep ``fpn_norm="none"`` and the FPN loads.
 - ``jigsaw`` (montage_jigsaw.txt §4.1): "batch normalization layers are frozen", images "resized to 1333x800 and
-  randomly flipped with probability 0.5". The paper names no frozen stage: we freeze none (PAPER_NOTES' reading).
-- ``standard``: torchvision's references (and mmdetection's defaults): frozen BN, stem and stage 1 frozen,
-  800/1333, flip 0.5.
+  randomly flipped with probability 0.5". The paper names neither a frozen stage nor a codebase, and fine-tunes
+  ImageNet and Jigsaw backbones "with the same training settings": we take the default that every reference
+  shares, the stem and stage 1 frozen (detectron2's FREEZE_AT 2, mmdetection's frozen_stages=1, torchvision's
+  trainable_backbone_layers=3). Our reading, recorded.
+- ``standard``: torchvision's references: frozen BN (statistics and affine parameters), stem and stage 1 frozen,
+  800/1333, flip 0.5. mmdetection's defaults freeze the same stages and the BN statistics (``norm_eval=True``) but
+  train the BN affine parameters of stages 2-4 (``requires_grad=True``): not this preset.
+
+Detector defaults (``detector_defaults``): what fills the detector settings the papers leave to their codebase.
+PreDet fine-tuned in detectron2, so the ``predet`` presets are ``"detectron2"`` on every point torchvision's
+detectors let us set (``detpretrain.detection.detectors`` lists them: RoIAlign, RPN top-n, anchors); the others are
+``"torchvision"``, torchvision's own values. Precise BN (``precise_bn_iters``): before every evaluation, BN
+statistics are recomputed over the training batches of that many steps wherever BN is trained (detectron2's
+PreciseBN hook with its TEST.PRECISE_BN.NUM_ITER 200, enabled in detectron2's SyncBN configs and in MoCo's BN
+detection configs); frozen-BN models have nothing to recompute.
 
 Who applies what: the model (``detpretrain.detection.build_detector``) applies the norms, frozen stages, heads and
 the test resize; ``param_groups`` applies the lr multipliers and weight decay; the dataset transform
@@ -39,7 +51,9 @@ from detpretrain.engine import unwrap_model
 
 __all__ = [
     "BOX_HEADS",
+    "DETECTOR_DEFAULTS",
     "HEAD_NORMS",
+    "PRECISE_BN_ITERS",
     "PROTOCOLS",
     "Protocol",
     "get_protocol",
@@ -50,6 +64,8 @@ __all__ = [
 
 BOX_HEADS = ("2fc", "4conv1fc")
 HEAD_NORMS = ("none", "bn", "gn")
+DETECTOR_DEFAULTS = ("detectron2", "torchvision")
+PRECISE_BN_ITERS = 200  # detectron2's TEST.PRECISE_BN.NUM_ITER
 # Parameters of these modules are "norm" parameters for weight decay (detectron2's WEIGHT_DECAY_NORM). timm's
 # BatchNormAct2d and GroupNormAct subclass them; frozen BN keeps its affine values as buffers, not parameters.
 NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
@@ -66,7 +82,11 @@ class Protocol:
     ``frozen_stages`` (detectron2's FREEZE_AT: 0 none, 1 stem, 2 stem + stage 1, ...), ``syncbn_when_distributed``
     (every trained BatchNorm becomes SyncBatchNorm when more than one process trains on CUDA).
     Heads: ``fpn_norm`` and ``head_norm`` ("none", "bn", "gn": the FPN convs; the box head convs and mask head
-    convs), ``box_head`` ("2fc": torchvision's TwoMLPHead, 2 x 1024 fc; "4conv1fc": 4 x 256 conv + 1 x 1024 fc).
+    convs), ``box_head`` ("2fc": torchvision's TwoMLPHead, 2 x 1024 fc; "4conv1fc": 4 x 256 conv + 1 x 1024 fc),
+    ``detector_defaults`` ("detectron2" or "torchvision": whose values the detector takes where the papers are
+    silent; ``detpretrain.detection.detectors``).
+    Evaluation: ``precise_bn_iters`` (recompute trained BN statistics over this many training steps before each
+    evaluation, as detectron2's PreciseBN; 0: off; no effect without trained BN).
     Optimizer: ``mask_head_lr_mult`` (lr multiplier of the mask head), ``norm_weight_decay`` (weight decay of norm
     parameters; None = the optimizer's weight decay).
     Data: ``train_min_sizes`` (short side drawn uniformly from these per image), ``train_max_size`` (long side cap),
@@ -82,6 +102,8 @@ class Protocol:
     fpn_norm: str
     box_head: str
     head_norm: str
+    detector_defaults: str
+    precise_bn_iters: int
     mask_head_lr_mult: float
     norm_weight_decay: float | None
     train_min_sizes: tuple[int, ...]
@@ -97,6 +119,9 @@ class Protocol:
         _check_choice("fpn_norm", self.fpn_norm, HEAD_NORMS)
         _check_choice("head_norm", self.head_norm, HEAD_NORMS)
         _check_choice("box_head", self.box_head, BOX_HEADS)
+        _check_choice("detector_defaults", self.detector_defaults, DETECTOR_DEFAULTS)
+        if not isinstance(self.precise_bn_iters, int) or self.precise_bn_iters < 0:
+            raise ValueError(f"precise_bn_iters={self.precise_bn_iters!r}: use 0 (off) or a number of training steps")
         if not isinstance(self.frozen_stages, int) or self.frozen_stages < 0:
             raise ValueError(
                 f"frozen_stages={self.frozen_stages!r}: use 0 (nothing frozen), 1 (stem), 2 (+stage 1) ..."
@@ -154,6 +179,8 @@ _PREDET = Protocol(
     fpn_norm="none",  # detectron2's default (FPN.NORM ""), and PreDet's pre-trained FPN has no norm
     box_head="2fc",  # "the standard 2-fc head" for every ResNeXt row (PAPER_NOTES)
     head_norm="none",  # detectron2's default for the mask head convs (ROI_MASK_HEAD.NORM "")
+    detector_defaults="detectron2",  # PreDet fine-tuned in detectron2 (§4.1: "the default ... in [detectron2]")
+    precise_bn_iters=PRECISE_BN_ITERS,  # BN is trained: detectron2's PreciseBN, as its SyncBN configs enable it
     mask_head_lr_mult=4.0,  # "scaling the lr by a factor of 4 worked best for all methods" (§4.2)
     norm_weight_decay=0.0,  # detectron2's SOLVER.WEIGHT_DECAY_NORM default; PreDet builds on detectron2 (§4.1)
     train_min_sizes=(640, 672, 704, 736, 768, 800),  # §4.2
@@ -179,11 +206,13 @@ PROTOCOLS: dict[str, Protocol] = {
     "jigsaw": Protocol(
         name="jigsaw",
         norm="frozen_bn",  # "The batch normalization layers are frozen during training" (montage_jigsaw.txt §4.1)
-        frozen_stages=0,  # not stated; PAPER_NOTES contrasts it with the standard protocol's frozen stem + stage 1
+        frozen_stages=2,  # not stated: the default of detectron2, mmdetection and torchvision alike (our reading)
         syncbn_when_distributed=False,
         fpn_norm="none",
         box_head="2fc",
         head_norm="none",
+        detector_defaults="torchvision",  # the paper names no codebase
+        precise_bn_iters=PRECISE_BN_ITERS,  # a no-op under frozen BN; acts if --norm bn trains it
         mask_head_lr_mult=1.0,
         norm_weight_decay=None,  # no trainable norm in this protocol; None keeps a user's GN under plain decay
         train_min_sizes=(800,),  # "resized to 1333 x 800"
@@ -202,6 +231,8 @@ PROTOCOLS: dict[str, Protocol] = {
         fpn_norm="none",
         box_head="2fc",
         head_norm="none",
+        detector_defaults="torchvision",
+        precise_bn_iters=PRECISE_BN_ITERS,  # a no-op under frozen BN; acts if --norm bn trains it
         mask_head_lr_mult=1.0,
         norm_weight_decay=None,  # torchvision's references: --norm-weight-decay unset
         train_min_sizes=(800,),
@@ -210,7 +241,7 @@ PROTOCOLS: dict[str, Protocol] = {
         flip_prob=0.5,
         test_min_size=800,
         test_max_size=1333,
-        source="torchvision references/detection defaults (also mmdetection's)",
+        source="torchvision references/detection defaults",
     ),
 }
 
@@ -256,6 +287,8 @@ _PARSERS = {
     "fpn_norm": str,
     "box_head": str,
     "head_norm": str,
+    "detector_defaults": str,
+    "precise_bn_iters": int,
     "mask_head_lr_mult": float,
     "norm_weight_decay": _parse_optional(float),
     "train_min_sizes": _parse_tuple(int),

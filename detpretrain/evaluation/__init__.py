@@ -26,6 +26,7 @@ from detpretrain.evaluation.coco import (
 )
 from detpretrain.evaluation.lvis import (
     LVIS_MAX_DETS_PER_IMAGE,
+    LVIS_SCORE_THRESH,
     LvisEvaluator,
     LvisGroundTruth,
     evaluate_lvis,
@@ -49,6 +50,7 @@ from detpretrain.evaluation.voc import (
 __all__ = [
     "COCO_STAT_NAMES",
     "LVIS_MAX_DETS_PER_IMAGE",
+    "LVIS_SCORE_THRESH",
     "VOC_CLASSES",
     "CocoEvaluator",
     "DetectionEvaluator",

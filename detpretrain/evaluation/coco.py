@@ -3,7 +3,9 @@
 Every evaluator follows the evaluator of torchvision's detection references. It is built from the ground truth;
 ``update(predictions)`` takes the per-image outputs of a torchvision detector, ``{image_id: {"boxes": (N, 4) xyxy,
 "scores": (N,), "labels": (N,), "masks": (N, 1, H, W) (Mask R-CNN only)}}``, maps the model's contiguous labels back
-to the dataset's categories and keeps them in the dataset's results format; ``synchronize()`` gathers every rank's
+to the dataset's categories and keeps them in the dataset's results format. Label 0 is torchvision's background:
+RetinaNet's sigmoid head scores it like any class and can return it above the score threshold, so such detections
+are dropped and counted (``background_detections``), never mapped to a category; ``synchronize()`` gathers every rank's
 results when torch.distributed is initialized; ``summarize()`` returns the numbers in the shape of ``eval.json``
 (DESIGN.md, "Evaluation output"). The numbers are computed on the images given to ``update`` (after
 ``synchronize``, on every rank's images), as torchvision's evaluator does, so a run on part of a validation set
@@ -44,6 +46,7 @@ __all__ = [
     "category_names",
     "category_lookup",
     "check_coco_results",
+    "drop_background",
     "evaluate_coco",
     "evaluate_coco_file",
     "is_finite_number",
@@ -126,6 +129,7 @@ class DetectionEvaluator:
         self.iou_types = tuple(dict.fromkeys(iou_types))
         # image id -> iou type -> results; one entry per image, so a padded duplicate (DistributedSampler) counts once.
         self._results: dict[ImageId, dict[str, list[dict[str, Any]]]] = {}
+        self._background: dict[ImageId, int] = {}  # image id -> detections of label 0 dropped
 
     def _image_key(self, image_id: Any) -> ImageId:
         raise NotImplementedError
@@ -134,10 +138,19 @@ class DetectionEvaluator:
         raise NotImplementedError
 
     def update(self, predictions: Mapping[Any, Mapping[str, torch.Tensor]]) -> None:
-        """Add ``{image_id: torchvision output}``; an image already added keeps its first predictions."""
+        """Add ``{image_id: torchvision output}``; an image already added keeps its first predictions. Detections of
+        label 0 (background) are dropped and counted in ``background_detections``."""
         for image_id, output in predictions.items():
             key = self._image_key(image_id)
-            self._results.setdefault(key, self._to_results(key, output))
+            output, dropped = drop_background(output)
+            results = self._to_results(key, output)  # checked even for an image already added
+            if key not in self._results:
+                self._results[key], self._background[key] = results, dropped
+
+    @property
+    def background_detections(self) -> int:
+        """Detections of label 0 dropped so far (after ``synchronize``, on every rank's images)."""
+        return sum(self._background.values())
 
     def synchronize(self) -> None:
         """Gather every rank's results on every rank (a no-op unless torch.distributed is initialized).
@@ -148,13 +161,15 @@ class DetectionEvaluator:
         """
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        gathered: list[dict | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, self._results)
+        gathered: list[tuple | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (self._results, self._background))
         merged: dict[ImageId, dict[str, list[dict[str, Any]]]] = {}
-        for per_rank in gathered:
+        background: dict[ImageId, int] = {}
+        for per_rank, per_rank_background in gathered:
             for image_id, results in per_rank.items():
-                merged.setdefault(image_id, results)
-        self._results = merged
+                if image_id not in merged:
+                    merged[image_id], background[image_id] = results, per_rank_background[image_id]
+        self._results, self._background = merged, background
 
     @property
     def image_ids(self) -> list[ImageId]:
@@ -193,6 +208,26 @@ def category_lookup(label_to_category: Mapping[int, Any] | None, known: Collecti
         return category
 
     return category_of
+
+
+def drop_background(output: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], int]:
+    """``output`` without its detections of label 0 (every per-detection field indexed alike), and how many there
+    were. An output without ``labels`` passes unchanged, for ``unpack_prediction`` to name what is missing."""
+    if "labels" not in output:
+        return dict(output), 0
+    labels = torch.as_tensor(output["labels"]).reshape(-1)
+    background = labels == 0
+    dropped = int(background.sum())
+    if not dropped:
+        return dict(output), 0
+    keep = ~background
+    kept = {}
+    for key, value in output.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == len(labels):
+            kept[key] = value[keep.to(value.device)]
+        else:
+            kept[key] = value
+    return kept, dropped
 
 
 def unpack_prediction(image_id: Any, output: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, list, list]:

@@ -6,8 +6,10 @@ LVIS v1 val images to 1e-6). What lvis-api does, and this module with it:
 
 - Results are COCO's (``image_id``, ``category_id``, ``bbox`` xywh or ``segmentation`` RLE, ``score``), at most
   **300 detections per image** (lvis-api's ``max_dets`` default, the LVIS protocol): the best-scoring 300 of each
-  image are kept, with no limit per category. torchvision detectors keep 100 per image unless told otherwise
-  (``box_detections_per_img=300``).
+  image are kept, with no limit per category. torchvision detectors keep 100 per image above a score of 0.05
+  unless told otherwise: the LVIS setting of detectron2's and mmdetection's LVIS configs is 300 per image
+  (``box_detections_per_img=300``) above 0.0001 (``box_score_thresh=LVIS_SCORE_THRESH``); 0.05 drops the
+  low-scoring detections that rare categories mostly get, and lowers AP (APr most).
 - Federated evaluation: in each image, detections of a category count only if the category is annotated there
   (it has ground truth) or is in the image's ``neg_category_ids``; the others are dropped. An unmatched detection of
   a category in the image's ``not_exhaustive_category_ids`` is ignored rather than counted as a false positive.
@@ -44,6 +46,7 @@ from detpretrain.evaluation.coco import (
 
 __all__ = [
     "LVIS_MAX_DETS_PER_IMAGE",
+    "LVIS_SCORE_THRESH",
     "LvisEvaluator",
     "LvisGroundTruth",
     "evaluate_lvis",
@@ -52,6 +55,7 @@ __all__ = [
 ]
 
 LVIS_MAX_DETS_PER_IMAGE = 300
+LVIS_SCORE_THRESH = 0.0001  # detectron2's LVISv1 configs (ROI_HEADS.SCORE_THRESH_TEST), mmdetection's (score_thr)
 # lvis-api's parameters. linspace, not arange, whose points drift above the round values.
 _IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 _RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
@@ -340,7 +344,8 @@ class LvisEvaluator(DetectionEvaluator):
     """LVIS bbox / segm evaluation of torchvision outputs with lvis-api's semantics.
 
     ``label_to_category`` maps the model's labels to LVIS category ids (``None``: the labels are the category ids).
-    Keep 300 detections per image in the detector (``box_detections_per_img=300``): LVIS evaluates up to 300.
+    Keep 300 detections per image above ``LVIS_SCORE_THRESH`` in the detector (``box_detections_per_img=300``,
+    ``box_score_thresh=0.0001``): LVIS evaluates up to 300.
     """
 
     def __init__(
