@@ -12,7 +12,9 @@ The defaults are the paper's recipe (§4.1): 540k iterations of 1024 views (512 
 at 108k, 216k, 324k and 432k ("four uniform steps"), SGD; detectron2's Faster R-CNN defaults where the paper defers
 to them: momentum 0.9, weight decay 1e-4 (none on norm layers), a linear warmup over 1000 iterations from 0.001 x
 the lr, and the anchor, NMS, pooling and sampling settings of ``detpretrain.predet.PreDetConfig``, each recorded
-in the model card with where it comes from. The paper trains on IG-50M hashtags (1.5k classes) or ImageNet-1k.
+in the model card with where it comes from. The paper trains on IG-50M (49.93M Instagram images whose hashtags map to
+1209 LVIS classes) or ImageNet-1k. BatchNorm is trained, its statistics per process unless --sync-bn (the paper does
+not say; 1024 views on 128 GPUs is 8 views per GPU).
 
     # the paper's setting: 1024 views per step, e.g. 64 GPUs x 16 views
     torchrun --nnodes 8 --nproc_per_node 8 ... train_predet.py --model resnext101_32x8d --batch-size 16 \\
@@ -160,6 +162,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "on random boxes)",
     )
     model.add_argument("--fpn-channels", type=int, default=256, help="FPN width (detectron2 default: 256)")
+    model.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="SyncBatchNorm: BN statistics over every process's views (CUDA only); default: each process normalizes "
+        "its own views (the paper does not say; 8 views per GPU in its setting)",
+    )
     model.add_argument(
         "--predet-config",
         nargs="+",
@@ -459,6 +467,7 @@ def main(args: argparse.Namespace) -> Path:
     device = dist_info.device
     args.output_dir.mkdir(parents=True, exist_ok=True)
     global_batch = args.batch_size * dist_info.world_size * args.accum_steps  # views
+    normalization = batch_norm_record(args, dist_info)  # --sync-bn where SyncBatchNorm cannot train stops here
     # Linear scaling (Goyal et al.) when the global batch is not the paper's 1024 views.
     peak_lr = engine.scale_lr(args.lr, global_batch_size=global_batch, reference_batch_size=PAPER_GLOBAL_BATCH)
     milestones = lr_milestones(args)
@@ -472,7 +481,12 @@ def main(args: argparse.Namespace) -> Path:
 
     # ---------------------------------------------------------------------------------------------------- model
     model = create_predet(
-        args.model, num_classes=data.num_classes, losses=losses, config=config, fpn_channels=args.fpn_channels
+        args.model,
+        num_classes=data.num_classes,
+        losses=losses,
+        config=config,
+        fpn_channels=args.fpn_channels,
+        sync_bn=args.sync_bn,
     )
     memory_format = engine.memory_format(device)
     model = model.to(device, memory_format=memory_format)
@@ -617,7 +631,15 @@ def main(args: argparse.Namespace) -> Path:
         extra = {} if args.no_export_fpn else {"fpn": model.fpn.fpn.state_dict()}
         if args.export_heads:
             extra["heads"] = {k: v for k, v in model.state_dict().items() if not k.startswith("fpn.")}
-        card = model_card_fields(args, model, data, losses=losses, global_batch=global_batch, peak_lr=peak_lr)
+        card = model_card_fields(
+            args,
+            model,
+            data,
+            losses=losses,
+            global_batch=global_batch,
+            peak_lr=peak_lr,
+            normalization=normalization,
+        )
         detpretrain.save_pretrained(
             model.body,
             export_dir,
@@ -649,7 +671,32 @@ def config_provenance() -> dict[str, str]:
     return notes
 
 
-def model_card_fields(args, model: PreDet, data: TrainData, *, losses, global_batch: int, peak_lr: float) -> dict:
+def batch_norm_record(args: argparse.Namespace, dist_info: engine.DistInfo) -> str:
+    """What BatchNorm normalizes over in this run, for the model card (PreDet trains BN over both views of each
+    image, §4.1 and PAPER_NOTES "Views and batch", but does not say whether its 128 GPUs synchronized it).
+    --sync-bn with several processes off CUDA, where torch's SyncBatchNorm cannot train, stops the run."""
+    views, world = args.batch_size, dist_info.world_size
+    per_step = f" per micro-step (--accum-steps {args.accum_steps} does not enlarge it)" if args.accum_steps > 1 else ""
+    processes = "one process" if world == 1 else f"{world} processes"
+    if not args.sync_bn:
+        who = "the one process" if world == 1 else f"each of {world} processes"
+        return (
+            f"BatchNorm trained (pre-training from scratch, §4.1), per process: {who} normalizes its own {views} views "
+            f"(both views of {views // 2} images){per_step}, not synchronized (the paper does not say; its 1024 views "
+            "on 128 GPUs are 8 per GPU; --sync-bn synchronizes)"
+        )
+    if world > 1 and dist_info.device.type != "cuda":
+        raise SystemExit(
+            f"--sync-bn with {processes} on {dist_info.device.type}: torch's SyncBatchNorm trains only on GPUs; "
+            "drop --sync-bn (each process normalizes its own views) or use --device cuda"
+        )
+    over = f"its own {views} views{per_step}, as BatchNorm" if world == 1 else f"the {views * world} views{per_step}"
+    return f"SyncBatchNorm (--sync-bn), trained (pre-training from scratch, §4.1): {processes}, statistics over {over}"
+
+
+def model_card_fields(
+    args, model: PreDet, data: TrainData, *, losses, global_batch: int, peak_lr: float, normalization: str
+) -> dict:
     """Every choice of this run for the model card: what the paper fixes, what detectron2 defaults, what we chose."""
     milestones = lr_milestones(args)
     no_crpn = "crpn" not in losses and bool({"info", "croi_reg"} & set(losses))
@@ -676,7 +723,7 @@ def model_card_fields(args, model: PreDet, data: TrainData, *, losses, global_ba
         f"{args.warmup_iters} steps from {args.warmup_factor} x lr (detectron2 default)",
         "optimizer": f"SGD momentum {args.momentum}, weight decay {args.weight_decay}, {args.norm_weight_decay} on "
         "norm layers (detectron2 defaults)" + clipping,
-        "normalization": "BatchNorm trained (pre-training from scratch, §4.1), statistics over both views",
+        "normalization": normalization,
         "fpn": f"torchvision FeaturePyramidNetwork, {args.fpn_channels} channels, P2-P6 (P6 max-pooled)"
         + ("" if args.no_export_fpn else "; exported as fpn.safetensors for finetune.py"),
     }

@@ -12,8 +12,11 @@ from PIL import Image
 import detpretrain
 from detpretrain import analysis
 from detpretrain.analysis.__main__ import main
+from detpretrain.backbone import TimmFPN, create_body
+from detpretrain.engine import sample_generator
 
-TINY = ["--backbone", "test_resnet", "--no-pretrained", "--pairs-per-image", "64", "--device", "cpu"]
+TINY = ["--backbone", "test_resnet", "--no-pretrained", "--features", "backbone", "--pairs-per-image", "64"]
+TINY += ["--device", "cpu"]
 
 
 def sizes(boxes: torch.Tensor) -> torch.Tensor:
@@ -137,25 +140,104 @@ class StubBackbone(torch.nn.Module):
 def test_measure_image_pools_the_requested_level_at_its_stride():
     image = torch.zeros(3, 128, 160, dtype=torch.uint8)
     out = analysis.measure_image(
-        StubBackbone(),
+        analysis.backbone_map_pooler(StubBackbone(), level=1, stride=8, output_size=7),
         image,
-        level=1,
-        stride=8,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         num_pairs=16,
         generator=torch.Generator().manual_seed(0),
-        output_size=7,
     )
     # The same generator state gives the same pairs: rebuild them to know which boxes were pooled.
     boxes_a, boxes_b, ious = analysis.sample_box_pairs((128, 160), 16, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(out["ious"], ious)
+    assert torch.equal(out["ious"], ious) and torch.equal(out["boxes"], boxes_a)
     assert out["areas"].tolist() == pytest.approx(sizes(boxes_a).prod(dim=1).tolist(), rel=1e-5)
     # Boxes touching the map's border are clamped by ROIAlign (not linear there): compare the interior ones only.
     interior = ((torch.cat((boxes_a, boxes_b), 1) >= 4) & (torch.cat((boxes_a, boxes_b), 1) <= 124)).all(1)
     assert interior.sum() >= 4
     expected = [expected_cosine(a, b, 7) for a, b in zip(boxes_a.tolist(), boxes_b.tolist(), strict=True)]
     assert out["cosines"][interior].tolist() == pytest.approx(np.array(expected)[interior.numpy()], abs=1e-6)
+
+
+def test_fpn_pooler_pools_each_box_at_the_level_its_size_assigns():
+    """FPN Eq. 1 with PreDet's canonical 224 px at P4, clamped to P2-P5: a map per level filled with its number."""
+
+    def stub_fpn(pixels):
+        height, width = pixels.shape[-2:]
+        names = ("0", "1", "2", "3", "pool")  # TimmFPN's names of P2..P6
+        return {
+            name: torch.full((1, 1, height >> level, width >> level), float(level))
+            for name, level in zip(names, range(2, 7), strict=True)
+        }
+
+    pool = analysis.fpn_pooler(stub_fpn, strides=(4, 8, 16, 32), output_size=7)
+    scales = torch.tensor([16.0, 111.0, 112.0, 223.0, 224.0, 448.0, 1000.0])
+    boxes = torch.stack((torch.zeros(7), torch.zeros(7), scales, scales), dim=1)
+    pooled = pool(torch.zeros(1, 3, 1024, 1024), boxes)
+    assert pooled.shape == (7, 1, 7, 7)
+    assert pooled.mean(dim=(1, 2, 3)).tolist() == [2.0, 2.0, 3.0, 3.0, 4.0, 5.0, 5.0]  # P6 is never pooled
+
+
+@pytest.fixture(scope="module")
+def fpn_export(tmp_path_factory):
+    """A test_resnet export as train_predet.py writes it, with a (random) 16-channel FPN in fpn.safetensors; returns
+    the folder and the FPN it holds (eval mode)."""
+    torch.manual_seed(7)
+    fpn = TimmFPN(create_body("test_resnet"), out_channels=16).eval()
+    folder = tmp_path_factory.mktemp("fpn_export") / "export"
+    detpretrain.save_pretrained(
+        fpn.body, folder, arch="test_resnet", tag="unit", license="mit", extra_state_dicts={"fpn": fpn.fpn.state_dict()}
+    )
+    return folder, fpn
+
+
+def test_cli_fpn_features_pool_each_pair_at_its_level_of_the_exported_fpn(coco128, fpn_export, tmp_path, capsys):
+    """The default features: P2-P5 of the export's FPN. The cosines equal a computation written out here: the export's
+    own modules, each pair's level by FPN Eq. 1, ROIAlignV2 on that level."""
+    folder, fpn = fpn_export
+    flags = ["--backbone", "test_resnet", "--backbone-weights", folder, "--images", coco128 / "images"]
+    flags += ["--max-images", 1, "--image-size", 512, "--pairs-per-image", 48, "--device", "cpu"]
+    code, out, _ = run_cli(*flags, "--output", tmp_path / "fpn.json", capsys=capsys)
+    assert code == 0
+    result = json.loads((tmp_path / "fpn.json").read_text())
+    features = result["features"]
+    assert features["kind"] == "fpn" and features["levels"] == ["P2", "P3", "P4", "P5"]
+    assert features["strides"] == [4, 8, 16, 32] and features["channels"] == 16
+    assert features["weights"] == str(folder / "fpn.safetensors") and "floor(4 + log2" in features["assignment"]
+    assert f"features: {features['description']}" in out and "FPN P2-P5 (16 channels)" in out
+    # At 512 px the largest box scale is 0.37 x 512 = 190 px: P2 below 112 px, P3 above, never P4 or P5.
+    counts = features["pairs_per_level"]
+    assert counts["P2"] > 0 and counts["P3"] > 0 and counts["P4"] == counts["P5"] == 0 and sum(counts.values()) == 48
+
+    path = analysis.find_images(coco128 / "images")[0]  # --max-images 1: the first image by path
+    image = analysis.load_resized(path, short_side=512, max_size=result["input"]["max_size"])
+    boxes_a, boxes_b, _ = analysis.sample_box_pairs(tuple(image.shape[-2:]), 48, generator=sample_generator(0, 0, 0))
+    mean = torch.tensor(result["input"]["mean"]).view(3, 1, 1)
+    std = torch.tensor(result["input"]["std"]).view(3, 1, 1)
+    with torch.no_grad():
+        maps = list(fpn(((image.float() / 255 - mean) / std)[None]).values())  # P2..P6
+    levels = torch.floor(4 + torch.log2(sizes(boxes_a).prod(dim=1).sqrt() / 224) + 1e-6).clamp(2, 5).long()
+    assert result["pairs"]["level"] == [f"P{k}" for k in levels.tolist()]
+    expected = [
+        analysis.roi_cosine_similarity(maps[k - 2], a[None], b[None], stride=2**k).item()
+        for a, b, k in zip(boxes_a, boxes_b, levels.tolist(), strict=True)
+    ]
+    assert result["pairs"]["cosine"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_cli_fpn_features_need_an_export_with_its_fpn(fpn_export, tmp_path, capsys):
+    write_noise_png(tmp_path / "a.png")
+    common = ["--backbone", "test_resnet", "--images", tmp_path, "--image-size", 96, "--device", "cpu"]
+    code, _, err = run_cli(*common, capsys=capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "there is no --backbone-weights" in err and "--features backbone" in err
+    folder, _ = fpn_export
+    backbone_only = tmp_path / "backbone_only"
+    backbone_only.mkdir()
+    (backbone_only / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    code, _, err = run_cli(*common, "--backbone-weights", backbone_only, capsys=capsys)
+    assert code == 1 and "holds no fpn.safetensors" in err
+    code, _, err = run_cli(*common, "--backbone-weights", folder, "--feature-level", 2, capsys=capsys)
+    assert code == 1 and "pass --features backbone with --feature-level" in err
 
 
 # ----------------------------------------------------------------------------------------------------- command line
@@ -171,7 +253,8 @@ def test_cli_end_to_end_on_coco128_photos(coco128, tmp_path, capsys):
     code, out, _ = run_cli(*flags, "--output", output, capsys=capsys)
     assert code == 0
     result = json.loads(output.read_text())
-    assert result["feature_map"] == {
+    assert result["features"] == {
+        "kind": "backbone",
         "index": 4,
         "module": "layer4",
         "stride": 32,
@@ -214,7 +297,7 @@ def test_cli_loads_an_export_folder_and_pools_another_level(coco128, tmp_path, c
     assert code == 0
     loaded = json.loads((tmp_path / "w.json").read_text())
     assert loaded["backbone"]["weights"] == str(export)
-    assert loaded["feature_map"]["module"] == "layer2" and loaded["feature_map"]["stride"] == 8
+    assert loaded["features"]["module"] == "layer2" and loaded["features"]["stride"] == 8
     assert "layer2 (feature level 2, stride 8, 48 channels)" in out
     run_cli(*common, "--output", tmp_path / "init.json", capsys=capsys)
     init = json.loads((tmp_path / "init.json").read_text())

@@ -16,7 +16,7 @@ from detpretrain.boxes import cell_anchors, clip_boxes, decode_boxes, encode_box
 from detpretrain.losses import info_nce_loss
 from detpretrain.predet.croi import ContrastiveROIHeads, CROIHead, FPNRoIAlign, sample_query_proposals
 from detpretrain.predet.crpn import ContrastiveRPN, CRPNHead, match_anchors_to_queries, query_anchor_products
-from detpretrain.predet.model import LOSS_KEYS, PreDet, PreDetConfig
+from detpretrain.predet.model import LOSS_KEYS, PreDet, PreDetConfig, create_predet
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -90,9 +90,10 @@ def test_query_anchor_products_are_the_group_convolution_and_the_explicit_per_an
     torch.testing.assert_close(channels_last.grad, image.grad)
 
 
-def test_crpn_head_scores_line_up_with_the_anchor_order():
+@pytest.mark.parametrize("scale_dot_products", [False, True], ids=["paper", "scaled"])
+def test_crpn_head_scores_line_up_with_the_anchor_order(scale_dot_products):
     torch.manual_seed(0)
-    head = CRPNHead(in_channels=4, query_in_features=8, num_anchors=3, dim=5)
+    head = CRPNHead(in_channels=4, query_in_features=8, num_anchors=3, dim=5, scale_dot_products=scale_dot_products)
     for p in head.parameters():  # values of order 1, well above assert_close's tolerance (the init is 0.01)
         torch.nn.init.normal_(p)
     features = [torch.randn(1, 4, 3, 2)]
@@ -105,7 +106,7 @@ def test_crpn_head_scores_line_up_with_the_anchor_order():
     query_reg = head.query_reg(query_features).reshape(1, 2, 3, 4, 5)
     y, x, a, q = 2, 1, 2, 1
     m = (y * 2 + x) * 3 + a  # the row of this anchor in grid_anchors
-    scale = 1 / math.sqrt(5)  # the 1/sqrt(D) of scale_dot_products
+    scale = 1 / math.sqrt(5) if scale_dot_products else 1.0  # the paper's dot products have no scale (§3.2.1)
     expected_logit = image_cls[0, a * 5 : (a + 1) * 5, y, x] @ query_cls[0, q, a] * scale
     torch.testing.assert_close(logits[0][0, q, m], expected_logit)
     expected_deltas = query_reg[0, q, a] @ image_reg[0, a * 5 : (a + 1) * 5, y, x] * scale
@@ -410,11 +411,14 @@ def test_croi_info_loss_pads_each_images_negatives():
     torch.testing.assert_close(loss, expected)
 
 
-def test_croi_losses_equal_the_formulas_when_each_query_is_its_own_only_positive():
+@pytest.mark.parametrize("scale_dot_products", [False, True], ids=["paper", "scaled"])
+def test_croi_losses_equal_the_formulas_when_each_query_is_its_own_only_positive(scale_dot_products):
     """No proposal overlaps a query, so p+_q is the query box itself (view-1) and every proposal is a negative."""
     torch.manual_seed(0)
     pooler = FPNRoIAlign(strides=(4,), output_size=2, sampling_ratio=0, aligned=True)
-    head = CROIHead(in_features=3 * 2 * 2, box_head_dim=8, embed_dim=4, reg_dim=4)
+    head = CROIHead(
+        in_features=3 * 2 * 2, box_head_dim=8, embed_dim=4, reg_dim=4, scale_dot_products=scale_dot_products
+    )
     for layer in (head.reg_query, head.reg_proposal):  # deltas of order 1, above assert_close's tolerance
         torch.nn.init.normal_(layer.weight)
     heads = ContrastiveROIHeads(
@@ -449,8 +453,9 @@ def test_croi_losses_equal_the_formulas_when_each_query_is_its_own_only_positive
         expected_info += -torch.log(positive / (positive + torch.exp(e_neg @ e_q[j] / 0.07).sum())) / 3
     torch.testing.assert_close(losses["loss_info"], expected_info)
     # Target deltas are 0 (the positive is the query box in view-1): the loss is the mean L1 norm of the prediction.
-    # <FC(b_q) as 4 x D, FC(b_p) as 1 x D> / sqrt(D), written out row by row.
-    pred = (head.reg_query(b_q).reshape(3, 4, 4) * head.reg_proposal(b_p)[:, None, :]).sum(dim=2) / 2
+    # <FC(b_q) as 4 x D, FC(b_p) as 1 x D> (Fig. 4), written out row by row; / sqrt(D) = 2 when scaled.
+    pred = (head.reg_query(b_q).reshape(3, 4, 4) * head.reg_proposal(b_p)[:, None, :]).sum(dim=2)
+    pred = pred / 2 if scale_dot_products else pred
     torch.testing.assert_close(losses["loss_croi_reg"], pred.abs().sum(dim=1).mean())
 
 
@@ -462,7 +467,7 @@ def test_dot_product_regression_reproduces_the_target_encoding_with_set_weights(
     targets = encode_boxes(proposals, queries, weights=weights)
     with torch.no_grad():
         head.reg_proposal.weight.zero_()
-        head.reg_proposal.bias.copy_(torch.tensor([2.0, 0.0, 0.0, 0.0]))  # FC(b_p) = sqrt(D) e_1, undoing 1/sqrt(D)
+        head.reg_proposal.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))  # FC(b_p) = e_1
         head.reg_query.weight.zero_()
         head.reg_query.bias.zero_()
         for c in range(4):
@@ -522,6 +527,46 @@ def test_gradients_reach_the_backbone_through_every_loss_term(full_model_run):
     for name, value in losses.items():
         (grad,) = torch.autograd.grad(value, stem, retain_graph=True)
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def detach_next_output(module):
+    """Detach what ``module`` returns on its next call only."""
+
+    def hook(module, args, output):
+        handle.remove()
+        return output.detach()
+
+    handle = module.register_forward_hook(hook)
+
+
+def view_gradients(model, *, detach_fq=False) -> dict[str, tuple[float, float]]:
+    """Per loss, |d loss / d pixels| summed over view-1 and over view-2 (2 images, 3 valid queries each)."""
+    batch = make_batch(size=64, num_queries=3)
+    images = batch.pop("images").requires_grad_()
+    if detach_fq:
+        detach_next_output(model.pooler)  # the pooler's first call of a forward pools f_q from view-2
+    losses = model(images, **batch, query_valid=torch.ones(2, 3, dtype=torch.bool))
+    sums = {}
+    for name, value in losses.items():
+        (grad,) = torch.autograd.grad(value, images, retain_graph=True)
+        assert torch.isfinite(grad).all(), name
+        sums[name] = (grad[:2].abs().sum().item(), grad[2:].abs().sum().item())
+    return sums
+
+
+def test_detection_losses_reach_the_backbone_through_the_view2_query_features():
+    """f_q is pooled from view-2 (§3.2): each detection loss must train the backbone through it. With BN in eval mode
+    the views do not meet in the backbone, so the only path from view-2's pixels to a loss goes through the backbone,
+    the FPN and f_q; detaching f_q must then cut it (which shows that the check can fail). In train mode BN couples
+    the views, so view-2 would get gradient even with f_q detached."""
+    model = make_model(("crpn", "info", "croi_reg")).eval()
+    detection_losses = {"loss_crpn_cls", "loss_crpn_reg", "loss_info", "loss_croi_reg"}
+    through_fq = view_gradients(model)
+    assert set(through_fq) == detection_losses
+    assert all(view1 > 0 and view2 > 0 for view1, view2 in through_fq.values()), through_fq
+    assert all(view2 == 0.0 for _, view2 in view_gradients(model, detach_fq=True).values())
+    coupled_by_bn = view_gradients(model.train(), detach_fq=True)  # why the check needs eval mode
+    assert all(view2 > 0 for _, view2 in coupled_by_bn.values()), coupled_by_bn
 
 
 def test_every_parameter_gets_a_gradient(full_model_run):
@@ -675,6 +720,7 @@ def test_defaults_are_the_papers_and_detectron2s():
     assert config.anchor_sizes == (32, 64, 128, 256, 512) and config.anchor_aspect_ratios == (0.5, 1.0, 2.0)
     assert (config.crpn_pre_nms_topk, config.crpn_nms_threshold, config.crpn_post_nms_topk) == (2000, 0.7, 1000)
     assert config.croi_bbox_reg_weights == (10.0, 10.0, 5.0, 5.0) and config.pooler_resolution == 7
+    assert not config.scale_dot_products  # §3.2.1, §3.2.2: plain dot products
 
 
 def test_real_images_two_views_and_their_boxes_as_queries(coco128):
@@ -705,6 +751,27 @@ def test_real_images_two_views_and_their_boxes_as_queries(coco128):
     assert len(losses) == 5 and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert torch.isfinite(model.body.conv1.weight.grad).all()
+
+
+def test_scale_dot_products_reaches_the_crpn_and_the_croi_regression():
+    for scaled in (False, True):
+        model = make_model(scale_dot_products=scaled)
+        expected = 16**-0.5 if scaled else 1.0  # SMALL's crpn_dim and croi_reg_dim are both 16
+        assert model.crpn.head.scale == expected and model.croi.head.scale == expected
+
+
+def test_sync_bn_replaces_every_batch_norm_and_in_one_process_computes_the_same():
+    torch.manual_seed(0)
+    plain = create_predet("test_resnet", num_classes=3, losses=("cls",), fpn_channels=16)
+    synced = create_predet("test_resnet", num_classes=3, losses=("cls",), fpn_channels=16, sync_bn=True)
+    synced.load_state_dict(plain.state_dict())  # the same keys: an export loads into plain timm
+    batch_norms = [m for m in plain.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(batch_norms) > 0
+    assert [type(m) for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] == [
+        torch.nn.SyncBatchNorm
+    ] * len(batch_norms)
+    images, labels = torch.randn(4, 3, 64, 64), [torch.tensor([0]), torch.tensor([1, 2])]
+    torch.testing.assert_close(synced(images, labels=labels), plain(images, labels=labels))
 
 
 def test_anchor_helpers_agree_with_the_crpn_levels():

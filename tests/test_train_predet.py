@@ -89,6 +89,9 @@ def test_coco128_loss_falls_and_export_loads_strictly_into_timm(tmp_path, coco12
     card = (export / "README.md").read_text()
     for expected in ("image-gradient edges", "config.temperature", "0.07", "detectron2 default", "1/k", "view-2"):
         assert expected in card, expected
+    # What trained: the paper's plain dot products (issue 11, item 8) and BN over this process's 8 views.
+    assert "| config.scale_dot_products | False: " in card
+    assert "the one process normalizes its own 8 views (both views of 4 images)" in card
     args = json.loads((export.parent / "args.json").read_text())
     assert args["losses"] == "cls,crpn,info,croi_reg" and args["lr"] == 2.56
 
@@ -217,19 +220,56 @@ def test_table1_ablations_train(tmp_path, losses, coco128, coco128_proposals):
         assert not (export.parent / "proposals.edgeboxes").exists()
 
 
-def test_symmetric_views_train_and_are_recorded(tmp_path, coco128, coco128_proposals):
-    """PAPER_NOTES.md's optional variant: each view takes each role. The flag adds to TINY's --predet-config."""
+def test_options_train_and_are_recorded(tmp_path, monkeypatch, coco128, coco128_proposals):
+    """The options that are not the paper's: each view taking each role (PAPER_NOTES.md "Views and batch"), the
+    1/sqrt(D) dot products and SyncBatchNorm (one process on a CPU: the same numbers as BatchNorm). The
+    --predet-config flags add to TINY's."""
+    built = []
+
+    def create_predet(*args, **kwargs):
+        built.append(real_create_predet(*args, **kwargs))
+        return built[-1]
+
+    real_create_predet = train_predet.create_predet
+    monkeypatch.setattr(train_predet, "create_predet", create_predet)
     export = run(
         tmp_path,
         *coco128_flags(coco128),
-        *["--proposals", str(coco128_proposals), "--predet-config", "symmetric_views=true"],
-        *["--iters", "2", "--warmup-iters", "1", "--batch-size", "4", "--log-every", "1"],
+        *["--proposals", str(coco128_proposals), "--predet-config", "symmetric_views=true", "scale_dot_products=true"],
+        *["--sync-bn", "--iters", "2", "--warmup-iters", "1", "--batch-size", "4", "--log-every", "1"],
     )
     rows = log_rows(export.parent)
     assert all(math.isfinite(row[k]) for row in rows for k in LOSS_TERMS)
     card = (export / "README.md").read_text()
     assert "| config.symmetric_views | True: " in card and "symmetric (our option" in card
+    assert "| config.scale_dot_products | True: " in card
+    (model,) = built
+    assert model.config.scale_dot_products and model.config.symmetric_views
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    assert "SyncBatchNorm (--sync-bn)" in card and "one process, statistics over its own 4 views, as BatchNorm" in card
     assert "| config.box_head_dim | 128: " in card  # TINY's --predet-config still applies
+    assert json.loads((export.parent / "args.json").read_text())["sync_bn"] is True
+
+
+def test_batch_norm_record_says_what_bn_normalizes_and_refuses_syncbn_off_gpu():
+    def record(*flags, world_size=8, device="cuda"):
+        args = train_predet.get_args_parser().parse_args(["--batch-size", "16", *flags])
+        dist_info = engine.DistInfo(
+            rank=0,
+            world_size=world_size,
+            local_rank=0,
+            device=torch.device(device),
+            is_main=True,
+            distributed=world_size > 1,
+        )
+        return train_predet.batch_norm_record(args, dist_info)
+
+    assert "each of 8 processes normalizes its own 16 views (both views of 8 images)" in record()
+    accumulated = record("--accum-steps", "4")
+    assert "16 views (both views of 8 images) per micro-step (--accum-steps 4 does not enlarge it)" in accumulated
+    assert "8 processes, statistics over the 128 views" in record("--sync-bn")
+    with pytest.raises(SystemExit, match="--sync-bn with 2 processes on cpu: .*drop --sync-bn"):
+        record("--sync-bn", world_size=2, device="cpu")
 
 
 def test_two_gloo_processes(tmp_path, coco128, coco128_proposals):
@@ -254,6 +294,7 @@ def test_two_gloo_processes(tmp_path, coco128, coco128_proposals):
     # Each process holds 2 images (4 views); the step's global batch is 8 views.
     recorded = json.loads((out / "args.json").read_text())
     assert recorded["batch_size"] == 4 and recorded["dist_timeout"] == engine.DEFAULT_DIST_TIMEOUT_MINUTES == 60
+    assert "each of 2 processes normalizes its own 4 views" in (out / "export" / "README.md").read_text()
     timm.create_model(
         "test_resnet",
         pretrained=True,

@@ -19,12 +19,23 @@ output.
   IoU, so that the IoU is uniform within every size bucket too; ``s_max`` is the largest scale at which any pair
   (the lowest IoU, the most elongated box) fits the image: ``short side / ((2 - f_min) * sqrt(2))``, 0.37 of the
   short side. The pair (the union of its two boxes) is placed uniformly inside the image.
-- **Features** (``roi_cosine_similarity``): one map of the timm ``features_only`` backbone, by default the last
-  (``feature_level=-1``: stride 32, ``layer4`` of a ResNet, the C5 a detection head's FPN is built on), pooled with
-  ``torchvision.ops.roi_align`` at ``spatial_scale = 1 / stride``, 7 x 7 bins, ``sampling_ratio=0`` and
-  ``aligned=True`` (detectron2's ROIAlignV2, the box pooler of the Faster R-CNN PreDet fine-tunes). The similarity is
-  the cosine of the two flattened ``C x 7 x 7`` features: the input of a box head, which keeps the layout inside the
-  box (``output_size=1`` gives the cosine of box-averaged features instead).
+- **Features** (``features=``, recorded under ``"features"`` in the output):
+  - ``"fpn"`` (the default, ``fpn_pooler``): the FPN levels P2-P5 that PreDet's ROI losses train (§3.3 "ROI-pooling
+    is done at the appropriate FPN-level"), the backbone and ``fpn.safetensors`` of an export folder
+    (``train_predet.py`` writes both). Each box is pooled at its level by the FPN paper's rule (Lin et al., Eq. 1),
+    ``k = floor(4 + log2(sqrt(w * h) / 224))`` clamped to [2, 5], with ``detpretrain.predet.croi.FPNRoIAlign``, the
+    pooler of PreDet's CROI head; both boxes of a pair have one size, so one level. At the 800-pixel test size a box
+    of scale < 112 px goes to P2 (stride 4), so even a 16 px box covers 4 x 4 cells.
+  - ``"backbone"`` (``backbone_map_pooler``): one map of the timm ``features_only`` backbone, by default the last
+    (``feature_level=-1``: stride 32, ``layer4`` of a ResNet, the C5 a detection head's FPN is built on), for
+    backbones that come without an FPN (timm's and the zoo's weights, Jigsaw exports). A box below 32 px covers less
+    than one cell of C5: compare two backbones on the same kind of features.
+
+  Pooling is ``torchvision.ops.roi_align`` at ``spatial_scale = 1 / stride`` of the pooled map, 7 x 7 bins,
+  ``sampling_ratio=0`` and ``aligned=True`` (detectron2's ROIAlignV2, the box pooler of PreDet's heads and of the
+  Faster R-CNN PreDet fine-tunes). The similarity is the cosine of the two flattened ``C x 7 x 7`` features: the input
+  of a box head, which keeps the layout inside the box (``output_size=1`` gives the cosine of box-averaged features
+  instead).
 - **Images**: every image under a folder (recursive), sorted by path, decoded by ``read_rgb``, resized so that the
   short side is 800 pixels (long side at most 1333: the test-time size of detectron2 and of ``finetune.py``),
   normalized with the backbone's pretrained mean and std (``timm.data.resolve_data_config``). The pairs of image
@@ -39,13 +50,16 @@ Glossary (names and shapes):
     N              box pairs of one image
     boxes_a/_b     (N, 4) float xyxy, pixels of the resized image; boxes_b[i] is boxes_a[i] translated
     ious           (N,) the IoU of each pair, in [0.05, 0.95]
-    feature_map    (1, C, h, w): one level of the backbone for one image, stride s (h = ceil(H / s))
-    pooled         (N, C, S, S): ROIAlign of each box, S = 7; flattened to (N, C * S * S) for the cosine
+    pixels         (1, 3, H, W): the normalized image the backbone sees
+    feature_map    (1, C, h, w): one level of the backbone (or FPN) for one image, stride s (h = ceil(H / s))
+    pool           a callable (pixels, boxes (K, 4)) -> pooled (K, C, S, S): ROIAlign of each box, S = 7
+    pooled         (2N, C, S, S): boxes_a then boxes_b; flattened to (N, C * S * S) each for the cosine
     cosines        (N,) cosine similarity of the pooled features of boxes_a[i] and boxes_b[i], in [-1, 1]
 
 Command line (``detpretrain/analysis/__main__.py``)::
 
-    python -m detpretrain.analysis iou-similarity --backbone resnet50.predet --images DIR --output r50_predet.json
+    python -m detpretrain.analysis iou-similarity --backbone resnet50 --backbone-weights OUT/export --images DIR \
+        --output r50_predet.json
 """
 
 from __future__ import annotations
@@ -64,24 +78,33 @@ from torch import Tensor, nn
 from torchvision.ops import box_area, roi_align
 from tqdm import tqdm
 
+from detpretrain.backbone import TimmFPN, create_body
+from detpretrain.boxes import fpn_levels
 from detpretrain.data.labelled_images import IMAGE_EXTENSIONS, ImageDecodeError, read_rgb
 from detpretrain.data.transforms import MAX_SIZE, TEST_SHORT_SIDE, shortest_edge_size
 from detpretrain.engine import sample_generator
-from detpretrain.hub import load_weights
+from detpretrain.hub import check_keys, load_weights, read_weights
+from detpretrain.predet.croi import FPNRoIAlign
 
 __all__ = [
     "AREA_BUCKETS",
+    "FEATURES",
+    "FPN_WEIGHTS_NAME",
     "AnalysisInputError",
     "area_bucket",
+    "backbone_map_pooler",
     "correlation_table",
     "create_analysis_backbone",
+    "create_analysis_fpn",
     "describe_feature_map",
     "feature_map_info",
     "find_images",
     "format_table",
+    "fpn_pooler",
     "iou_similarity",
     "max_box_scale",
     "measure_image",
+    "pair_cosines",
     "pearson",
     "plot_iou_similarity",
     "roi_cosine_similarity",
@@ -97,6 +120,12 @@ ROI_ALIGNED = True  # continuous box coordinates, shifted half a pixel onto the 
 # COCO's area ranges (pycocotools' areaRng), pixels²: [low, high).
 AREA_BUCKETS = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, math.inf)}
 BAD_IMAGE_POLICIES = ("error", "skip")
+FEATURES = ("fpn", "backbone")  # what the boxes are pooled from (module docstring, "Features")
+FPN_WEIGHTS_NAME = "fpn.safetensors"  # beside model.safetensors in a train_predet.py export
+# FPN Eq. 1 as PreDet's ROI pooler applies it (detpretrain.predet.croi.FPNRoIAlign): P2-P5, canonical 224 px at P4.
+FPN_MIN_LEVEL, FPN_MAX_LEVEL = 2, 5
+FPN_ASSIGNMENT = "k = floor(4 + log2(sqrt(w*h) / 224)) clamped to [2, 5] (FPN Eq. 1, as PreDet's ROI pooler)"
+Pool = Callable[[Tensor, Tensor], Tensor]  # (pixels (1, 3, H, W), boxes (K, 4)) -> pooled (K, C, S, S)
 
 
 class AnalysisInputError(ValueError):
@@ -174,6 +203,25 @@ def area_bucket(area: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- features
+def _roi_align(feature_map: Tensor, boxes: Tensor, *, stride: int, output_size: int) -> Tensor:
+    """(K, C, S, S): ROIAlignV2 of (K, 4) boxes, in pixels of the image, on a (1, C, h, w) map of that stride."""
+    return roi_align(
+        feature_map,
+        [boxes.to(feature_map)],
+        output_size=output_size,
+        spatial_scale=1.0 / stride,
+        sampling_ratio=ROI_SAMPLING_RATIO,
+        aligned=ROI_ALIGNED,
+    )
+
+
+def pair_cosines(pooled: Tensor) -> Tensor:
+    """Cosine similarity of pooled features ``pooled[i]`` and ``pooled[N + i]`` (the two boxes of pair i); (N,),
+    computed in float64 from (2N, C, S, S)."""
+    pooled_a, pooled_b = pooled.flatten(1).double().chunk(2)  # (N, C * S * S) each
+    return torch.nn.functional.cosine_similarity(pooled_a, pooled_b, dim=1)
+
+
 def roi_cosine_similarity(
     feature_map: Tensor,
     boxes_a: Tensor,
@@ -188,17 +236,42 @@ def roi_cosine_similarity(
     """
     if feature_map.ndim != 4 or feature_map.shape[0] != 1:
         raise ValueError(f"feature_map must be (1, C, h, w), got shape {tuple(feature_map.shape)}")
-    boxes = torch.cat((boxes_a, boxes_b)).to(feature_map)  # (2N, 4): one roi_align call for both boxes of each pair
-    pooled = roi_align(
-        feature_map,
-        [boxes],
-        output_size=output_size,
-        spatial_scale=1.0 / stride,
-        sampling_ratio=ROI_SAMPLING_RATIO,
-        aligned=ROI_ALIGNED,
-    )  # (2N, C, S, S)
-    pooled_a, pooled_b = pooled.flatten(1).double().chunk(2)  # (N, C * S * S) each
-    return torch.nn.functional.cosine_similarity(pooled_a, pooled_b, dim=1)
+    # One roi_align call for both boxes of each pair: (2N, C, S, S).
+    pooled = _roi_align(feature_map, torch.cat((boxes_a, boxes_b)), stride=stride, output_size=output_size)
+    return pair_cosines(pooled)
+
+
+def backbone_map_pooler(
+    body: Callable[[Tensor], Sequence[Tensor]], *, level: int, stride: int, output_size: int = ROI_OUTPUT_SIZE
+) -> Pool:
+    """``pool(pixels, boxes)``: every box pooled from ``body(pixels)[level]``, a map of stride ``stride``."""
+
+    def pool(pixels: Tensor, boxes: Tensor) -> Tensor:
+        return _roi_align(body(pixels)[level], boxes, stride=stride, output_size=output_size)
+
+    return pool
+
+
+def fpn_pooler(
+    fpn: Callable[[Tensor], dict[str, Tensor]], *, strides: Sequence[int], output_size: int = ROI_OUTPUT_SIZE
+) -> Pool:
+    """``pool(pixels, boxes)``: each box pooled at its FPN level (``FPN_ASSIGNMENT``) by PreDet's ROI pooler.
+
+    ``fpn`` returns the pyramid as ``TimmFPN`` does, P2 first; its first ``len(strides)`` levels (P2-P5 for
+    ``strides`` (4, 8, 16, 32)) are pooled, as PreDet's CRPN and CROI head pool them; P6 is not.
+    """
+    pooler = FPNRoIAlign(
+        strides=strides, output_size=output_size, sampling_ratio=ROI_SAMPLING_RATIO, aligned=ROI_ALIGNED
+    )
+    if (pooler.min_level, pooler.max_level) != (FPN_MIN_LEVEL, FPN_MAX_LEVEL):
+        raise AnalysisInputError(f"FPN strides {tuple(strides)} are not P2-P5's (4, 8, 16, 32)")
+
+    def pool(pixels: Tensor, boxes: Tensor) -> Tensor:
+        levels = list(fpn(pixels).values())[: len(strides)]
+        image = torch.zeros(len(boxes), dtype=torch.int64, device=pixels.device)  # every box is in image 0
+        return pooler(levels, boxes.to(levels[0]), image)
+
+    return pool
 
 
 def create_analysis_backbone(name: str, *, pretrained: bool, weights: str | Path | None = None) -> nn.Module:
@@ -216,6 +289,38 @@ def create_analysis_backbone(name: str, *, pretrained: bool, weights: str | Path
     if weights is not None:
         load_weights(body, weights)
     return body.eval()
+
+
+def create_analysis_fpn(name: str, *, weights: str | Path | None) -> TimmFPN:
+    """The backbone and FPN of a PreDet export folder, in eval mode: ``name``'s architecture on C2-C5
+    (``detpretrain.backbone.create_body``, as ``train_predet.py`` builds it) with the folder's ``model.safetensors``
+    and ``FPN_WEIGHTS_NAME``, both loaded strictly."""
+    folder = None if weights is None else Path(weights)
+    if folder is None or not (folder / FPN_WEIGHTS_NAME).is_file():
+        where = "no --backbone-weights" if folder is None else f"{folder} holds no {FPN_WEIGHTS_NAME}"
+        raise AnalysisInputError(
+            f"features='fpn' pools the FPN levels PreDet trains, from an export folder with {FPN_WEIGHTS_NAME} "
+            f"(train_predet.py writes one), but there is {where}: pass --backbone-weights EXPORT_DIR, or "
+            "--features backbone to pool one backbone map (timm's and the zoo's weights have no FPN)"
+        )
+    if not name.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(name):
+        raise AnalysisInputError(
+            f"{name!r} is not a timm model (timm {timm.__version__}); see timm.list_models() or detpretrain.ZOO"
+        )
+    body = load_weights(create_body(name), folder)
+    path = folder / FPN_WEIGHTS_NAME
+    state = read_weights(path)
+    if "inner_blocks.0.0.weight" not in state:  # the lateral 1x1 conv of C2, whose output width is the FPN's
+        raise AnalysisInputError(f"{path} holds no FPN (no inner_blocks.0.0.weight): export it with train_predet.py")
+    channels = state["inner_blocks.0.0.weight"].shape[0]
+    fpn = TimmFPN(body, out_channels=channels)
+    check_keys(
+        {k: tuple(v.shape) for k, v in state.items()},
+        {k: tuple(v.shape) for k, v in fpn.fpn.state_dict().items()},
+        what=f"{path} does not fit a {channels}-channel FPN on {name}'s C2-C5",
+    )
+    fpn.fpn.load_state_dict(state)
+    return fpn.eval()
 
 
 def feature_map_info(body: nn.Module, level: int) -> dict[str, Any]:
@@ -245,23 +350,21 @@ def describe_feature_map(feature_map: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------- one image
 @torch.inference_mode()
 def measure_image(
-    body: Callable[[Tensor], Sequence[Tensor]],
+    pool: Pool,
     image: Tensor,
     *,
-    level: int,
-    stride: int,
     mean: Sequence[float],
     std: Sequence[float],
     num_pairs: int,
     generator: torch.Generator,
     min_box_size: float = MIN_BOX_SIZE,
-    output_size: int = ROI_OUTPUT_SIZE,
     device: str | torch.device = "cpu",
 ) -> dict[str, Tensor]:
-    """Sample ``num_pairs`` box pairs in a (3, H, W) uint8 image and measure them on ``body(image)[level]``.
+    """Sample ``num_pairs`` box pairs in a (3, H, W) uint8 image and measure them with ``pool``.
 
-    ``body`` is the backbone (on ``device``), or any callable that returns a list of (1, C, h, w) maps. Returns CPU
-    tensors ``{"ious", "cosines", "areas"}``, each (N,); ``areas`` is the area of both boxes of a pair.
+    ``pool(pixels, boxes)`` returns the (K, C, S, S) ROI features of (K, 4) boxes in the normalized (1, 3, H, W)
+    image on ``device`` (``backbone_map_pooler``, ``fpn_pooler``). Returns CPU tensors ``{"ious", "cosines",
+    "areas"}``, each (N,), and ``"boxes"`` (N, 4), the first box of each pair; ``areas`` is the area of both boxes.
     """
     boxes_a, boxes_b, ious = sample_box_pairs(
         tuple(image.shape[-2:]), num_pairs, generator=generator, min_box_size=min_box_size
@@ -269,9 +372,8 @@ def measure_image(
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     pixels = (image.float() / 255 - mean_t) / std_t  # (3, H, W), the normalization the backbone was trained with
-    feature_map = body(pixels[None].to(device))[level]  # (1, C, H / stride, W / stride)
-    cosines = roi_cosine_similarity(feature_map, boxes_a, boxes_b, stride=stride, output_size=output_size)
-    return {"ious": ious, "cosines": cosines.float().cpu(), "areas": box_area(boxes_a)}
+    cosines = pair_cosines(pool(pixels[None].to(device), torch.cat((boxes_a, boxes_b)).to(device)))
+    return {"ious": ious, "cosines": cosines.float().cpu(), "areas": box_area(boxes_a), "boxes": boxes_a}
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -321,13 +423,52 @@ def load_resized(path: Path, *, short_side: int, max_size: int) -> Tensor:
 
 
 # -------------------------------------------------------------------------------------------------- the analysis
+def _fpn_features(
+    backbone: str, *, weights: str | Path | None, output_size: int, device: str
+) -> tuple[nn.Module, Pool, dict[str, Any], dict[str, float]]:
+    """``(body, pool, features record, spatial scale per level)`` for P2-P5 of an export's FPN."""
+    fpn = create_analysis_fpn(backbone, weights=weights).to(device)
+    strides = [int(r) for r in fpn.body.feature_info.reduction()]
+    levels = [f"P{level}" for level in range(FPN_MIN_LEVEL, FPN_MAX_LEVEL + 1)]
+    record = {
+        "kind": "fpn",
+        "levels": levels,
+        "strides": strides,
+        "channels": fpn.out_channels,
+        "weights": str(Path(weights) / FPN_WEIGHTS_NAME),
+        "assignment": FPN_ASSIGNMENT,
+        "description": f"FPN P2-P5 ({fpn.out_channels} channels), each box at level "
+        "floor(4 + log2(sqrt(wh) / 224)) in [2, 5]",
+    }
+    scale = {level: 1.0 / stride for level, stride in zip(levels, strides, strict=True)}
+    return fpn.body, fpn_pooler(fpn, strides=strides, output_size=output_size), record, scale
+
+
+def _backbone_features(
+    backbone: str,
+    *,
+    pretrained: bool,
+    weights: str | Path | None,
+    feature_level: int,
+    output_size: int,
+    device: str,
+) -> tuple[nn.Module, Pool, dict[str, Any], float]:
+    """``(body, pool, features record, spatial scale)`` for one map of the backbone."""
+    body = create_analysis_backbone(backbone, pretrained=pretrained, weights=weights).to(device)
+    feature_map = feature_map_info(body, feature_level)
+    record = {"kind": "backbone", **feature_map, "description": describe_feature_map(feature_map)}
+    pool = backbone_map_pooler(body, level=feature_map["index"], stride=feature_map["stride"], output_size=output_size)
+    return body, pool, record, 1.0 / feature_map["stride"]
+
+
 def iou_similarity(
     *,
     backbone: str,
     images: str | Path,
     pretrained: bool = True,
     weights: str | Path | None = None,
-    feature_level: int = -1,
+    features: str = "fpn",
+    feature_level: int | None = None,
     pairs_per_image: int = 64,
     image_size: int = TEST_SHORT_SIDE,
     max_size: int = MAX_SIZE,
@@ -341,8 +482,11 @@ def iou_similarity(
 ) -> dict[str, Any]:
     """The §5.5 analysis of one backbone over a folder of images; returns the JSON record (see the module docstring).
 
-    ``on_bad_image="error"`` raises read_rgb's ``ImageDecodeError`` (naming the file) on an undecodable image;
-    ``"skip"`` skips it and counts it in ``images.skipped``. ``max_images`` counts the images measured.
+    ``features="fpn"`` pools P2-P5 of the export folder ``weights`` (its ``fpn.safetensors``), each box at its level;
+    ``"backbone"`` pools the backbone map ``feature_level`` (default -1, the last) of ``backbone`` with ``weights``,
+    its pretrained weights or a random init drawn from ``seed``. ``on_bad_image="error"`` raises read_rgb's
+    ``ImageDecodeError`` (naming the file) on an undecodable image; ``"skip"`` skips it and counts it in
+    ``images.skipped``. ``max_images`` counts the images measured.
     """
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise AnalysisInputError(f"on_bad_image={on_bad_image!r} is not one of {BAD_IMAGE_POLICIES}")
@@ -351,11 +495,29 @@ def iou_similarity(
             f"pairs_per_image, image_size and max_images must be positive, got {pairs_per_image}, {image_size} "
             f"and {max_images}"
         )
+    if features not in FEATURES:
+        raise AnalysisInputError(f"features={features!r} is not one of {FEATURES}")
+    if features == "fpn" and feature_level is not None:
+        raise AnalysisInputError(
+            "a feature level picks one backbone map: pass --features backbone with --feature-level (the FPN pools "
+            "each box at the level its size assigns)"
+        )
     paths = find_images(images)
     with torch.random.fork_rng(devices=[]):  # a random init is drawn from the seed, without touching the caller's RNG
         torch.manual_seed(seed)
-        body = create_analysis_backbone(backbone, pretrained=pretrained, weights=weights).to(device)
-    feature_map = feature_map_info(body, feature_level)
+        if features == "fpn":
+            setup = _fpn_features(backbone, weights=weights, output_size=roi_output_size, device=device)
+        else:
+            level = -1 if feature_level is None else feature_level
+            setup = _backbone_features(
+                backbone,
+                pretrained=pretrained,
+                weights=weights,
+                feature_level=level,
+                output_size=roi_output_size,
+                device=device,
+            )
+    body, pool, features_record, spatial_scale = setup
     data_config = resolve_data_config(model=body)
     mean, std = [float(v) for v in data_config["mean"]], [float(v) for v in data_config["std"]]
 
@@ -373,16 +535,13 @@ def iou_similarity(
             continue
         measured.append(
             measure_image(
-                body,
+                pool,
                 image,
-                level=feature_map["index"],
-                stride=feature_map["stride"],
                 mean=mean,
                 std=std,
                 num_pairs=pairs_per_image,
                 generator=sample_generator(seed, 0, index),  # image i's pairs do not depend on the other images
                 min_box_size=min_box_size,
-                output_size=roi_output_size,
                 device=device,
             )
         )
@@ -391,16 +550,28 @@ def iou_similarity(
         raise AnalysisInputError(f"no image of {images} could be decoded ({len(skipped)} skipped)")
 
     ious, cosines, areas = (torch.cat([m[key] for m in measured]).numpy() for key in ("ious", "cosines", "areas"))
+    pairs = {
+        "iou": [round(float(v), 6) for v in ious],
+        "cosine": [round(float(v), 6) for v in cosines],
+        "area": [round(float(v), 3) for v in areas],
+    }
+    if features_record["kind"] == "fpn":
+        # Both boxes of a pair have one size, hence one level.
+        levels = fpn_levels(torch.cat([m["boxes"] for m in measured]), min_level=FPN_MIN_LEVEL, max_level=FPN_MAX_LEVEL)
+        pairs["level"] = [f"P{level}" for level in levels.tolist()]
+        features_record["pairs_per_level"] = {name: pairs["level"].count(name) for name in features_record["levels"]}
     weights_record = str(weights) if weights is not None else ("pretrained" if pretrained else "random init")
     return {
         "analysis": "iou-similarity: Pearson correlation of box-pair IoU and ROI-feature cosine similarity "
         "(PreDet §5.5, Fig. 5(b))",
         "backbone": {"name": backbone, "architecture": body.pretrained_cfg["architecture"], "weights": weights_record},
-        "feature_map": {**feature_map, "description": describe_feature_map(feature_map)},
+        "features": features_record,
         "pooling": {
-            "op": "torchvision.ops.roi_align",
+            "op": "detpretrain.predet.croi.FPNRoIAlign (torchvision.ops.roi_align per level)"
+            if features_record["kind"] == "fpn"
+            else "torchvision.ops.roi_align",
             "output_size": roi_output_size,
-            "spatial_scale": 1.0 / feature_map["stride"],
+            "spatial_scale": spatial_scale,
             "sampling_ratio": ROI_SAMPLING_RATIO,
             "aligned": ROI_ALIGNED,
             "similarity": f"cosine of the flattened C x {roi_output_size} x {roi_output_size} pooled features",
@@ -423,11 +594,7 @@ def iou_similarity(
         "images": {"dir": str(images), "measured": len(used), "skipped": len(skipped), "skipped_files": skipped},
         "seed": seed,
         "correlation": correlation_table(ious, cosines, areas),
-        "pairs": {
-            "iou": [round(float(v), 6) for v in ious],
-            "cosine": [round(float(v), 6) for v in cosines],
-            "area": [round(float(v), 3) for v in areas],
-        },
+        "pairs": pairs,
     }
 
 
@@ -449,7 +616,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"IoU vs cosine similarity (PreDet §5.5): {backbone['name']} ({backbone['weights']}), "
         f"{result['images']['measured']} images, short side {result['input']['short_side']}",
-        f"features: {result['feature_map']['description']}, {result['pooling']['output_size']}x"
+        f"features: {result['features']['description']}, {result['pooling']['output_size']}x"
         f"{result['pooling']['output_size']} ROIAlign",
         f"{'bucket':<8} {'area (px²)':>10} {'pairs':>7} {'Pearson r':>10} {'mean cos':>9}",
     ]
@@ -486,7 +653,7 @@ def plot_iou_similarity(result: dict[str, Any], path: str | Path) -> bool:
         scatter.scatter(np.asarray(pairs["iou"])[mask], np.asarray(pairs["cosine"])[mask], s=4, alpha=0.5, label=name)
     scatter.set_xlabel("IoU of the box pair")
     scatter.set_ylabel("cosine similarity of ROI features")
-    scatter.set_title(result["feature_map"]["description"], fontsize=9)
+    scatter.set_title(result["features"]["description"], fontsize=9)
     scatter.legend(markerscale=3)
     figure.tight_layout()
     figure.savefig(path)

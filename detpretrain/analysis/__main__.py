@@ -1,24 +1,28 @@
 """``python -m detpretrain.analysis``: analyses of pre-trained backbone features.
 
 ```bash
-# PreDet §5.5 / Fig. 5(b): Pearson r between box-pair IoU and ROI-feature cosine similarity, per COCO size bucket
-python -m detpretrain.analysis iou-similarity --backbone resnet50.predet --images coco/val2017 --max-images 200 \\
-    --output runs/iou_similarity/resnet50.predet.json
-# the classification baseline, and a local export written by save_pretrained (OUTPUT_DIR/export/)
-python -m detpretrain.analysis iou-similarity --backbone resnet50.tv_in1k --images coco/val2017 --max-images 200 \\
-    --output runs/iou_similarity/resnet50.tv_in1k.json
-python -m detpretrain.analysis iou-similarity --backbone resnet50 --backbone-weights OUTPUT_DIR/export \\
-    --images coco/val2017 --output runs/iou_similarity/mine.json
+# PreDet §5.5 / Fig. 5(b): Pearson r between box-pair IoU and ROI-feature cosine similarity, per COCO size bucket,
+# on the FPN levels P2-P5 PreDet's ROI losses train (the export folder of train_predet.py, with fpn.safetensors)
+python -m detpretrain.analysis iou-similarity --backbone resnet50 --backbone-weights out/r50_predet/export \\
+    --images coco/val2017 --max-images 200 --output runs/iou_similarity/r50_predet.json
+# the classification baseline of Fig. 5(b) (cls-IG50M): train_predet.py --losses cls, which trains the FPN too
+python -m detpretrain.analysis iou-similarity --backbone resnet50 --backbone-weights out/r50_cls/export \\
+    --images coco/val2017 --max-images 200 --output runs/iou_similarity/r50_cls.json
+# weights without an FPN (timm's, the zoo's, Jigsaw exports): one backbone map, the last (stride 32) by default;
+# compare two backbones on the same kind of features
+python -m detpretrain.analysis iou-similarity --backbone resnet50.tv_in1k --features backbone \\
+    --images coco/val2017 --max-images 200 --output runs/iou_similarity/resnet50.tv_in1k.json
 # CPU smoke run: a tiny random model, small images
-python -m detpretrain.analysis iou-similarity --backbone test_resnet --no-pretrained --images DIR --max-images 4 \\
-    --image-size 128 --output /tmp/iou_similarity.json
+python -m detpretrain.analysis iou-similarity --backbone test_resnet --no-pretrained --features backbone \\
+    --images DIR --max-images 4 --image-size 128 --output /tmp/iou_similarity.json
 ```
 
-It prints the correlation table and what was pooled (e.g. ``layer4 (feature level 4, stride 32, 2048 channels)``),
-writes the JSON record to ``--output`` and the plot beside it (same name, ``.png``; needs matplotlib, the ``plots``
-extra). A folder without images, an undecodable image (unless ``--skip-bad-images``), an unknown backbone or weights
-that do not fit end it with a one-line message and exit code 1. The sampler, the pooling and the buckets are
-described in ``detpretrain.analysis``.
+It prints the correlation table and what was pooled (e.g. ``FPN P2-P5 (256 channels), each box at level ...`` or
+``layer4 (feature level 4, stride 32, 2048 channels)``), writes the JSON record to ``--output`` and the plot beside
+it (same name, ``.png``; needs matplotlib, the ``plots`` extra). A folder without images, an undecodable image (unless
+``--skip-bad-images``), an unknown backbone, weights that do not fit or ``--features fpn`` without an export's
+fpn.safetensors end it with a one-line message and exit code 1. The sampler, the features, the pooling and the
+buckets are described in ``detpretrain.analysis``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 
 from detpretrain.analysis import (
+    FEATURES,
     MIN_BOX_SIZE,
     ROI_OUTPUT_SIZE,
     AnalysisInputError,
@@ -72,11 +77,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="local export folder (save_pretrained) or .safetensors / .pth file to load instead of pretrained weights",
     )
     iou.add_argument(
+        "--features",
+        choices=FEATURES,
+        default="fpn",
+        help="fpn (default): the FPN levels P2-P5 PreDet's ROI losses train, from --backbone-weights' fpn.safetensors, "
+        "each box at its level floor(4 + log2(sqrt(wh) / 224)) in [2, 5]; backbone: one backbone map "
+        "(--feature-level), for weights without an FPN",
+    )
+    iou.add_argument(
         "--feature-level",
         type=int,
-        default=-1,
-        help="index into the backbone's feature maps (timm feature_info; negative counts from the end); default -1, "
-        "the last stage (stride 32)",
+        default=None,
+        help="with --features backbone: index into the backbone's feature maps (timm feature_info; negative counts "
+        "from the end); default -1, the last stage (stride 32, where a box under 32 px covers less than one cell)",
     )
     iou.add_argument("--pairs-per-image", type=int, default=64, help="box pairs sampled per image (default 64)")
     iou.add_argument(
@@ -120,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             images=args.images,
             pretrained=args.pretrained,
             weights=args.backbone_weights,
+            features=args.features,
             feature_level=args.feature_level,
             pairs_per_image=args.pairs_per_image,
             image_size=args.image_size,

@@ -1,6 +1,6 @@
 """WebDataset tar shards of weakly-labelled images, streamed for training and resumable exactly (predet.txt §4.1).
 
-PreDet pre-trains on large weakly-labelled sets (§4.1: IG-50M hashtags mapped to 1.5k classes, or ImageNet). At that
+PreDet pre-trains on large weakly-labelled sets (§4.1: IG-50M hashtags mapped to 1209 classes, or ImageNet). At that
 size images come as tar shards read front to back, not as millions of files. This module reads such shards with the
 ``webdataset`` library (``pip install "detpretrain[webdataset]"``) and turns them into training batches under the
 engine's rules (``detpretrain.engine``): augmentation drawn from ``sample_generator(seed, step, index)`` only, and a

@@ -140,8 +140,9 @@ class CROIHead(nn.Module):
     """The predicting part of Fig. 4: a shared box head, a shared FC + cosine similarity, the dot-product regression.
 
     ``embed_dim=None`` leaves out the similarity FC (no L_info), ``reg_dim=None`` the regression projections (no
-    L_croi-reg), so that an ablation row of Tab. 1 has no parameter without gradient. ``scale_dot_products`` divides
-    the regression dot product by sqrt(D): our deviation, for the reason given in ``detpretrain.predet.crpn.CRPNHead``.
+    L_croi-reg), so that an ablation row of Tab. 1 has no parameter without gradient. ``scale_dot_products`` (off by
+    default: the paper's form) divides the regression dot product by sqrt(D), an option explained in
+    ``detpretrain.predet.crpn.CRPNHead``.
     """
 
     def __init__(
@@ -151,7 +152,7 @@ class CROIHead(nn.Module):
         box_head_dim: int,
         embed_dim: int | None,
         reg_dim: int | None,
-        scale_dot_products: bool = True,
+        scale_dot_products: bool = False,
     ):
         super().__init__()
         self.box_head = TwoMLPHead(in_features, box_head_dim)  # detectron2's 2 x FC 1024 box head, ReLU after each
@@ -179,7 +180,8 @@ class CROIHead(nn.Module):
         return F.normalize(self.embed(box_features).float(), dim=1)
 
     def regression(self, proposal_features: Tensor, query_features: Tensor) -> Tensor:
-        """Deltas of each proposal towards its query: <FC(b_q) as 4 x D, FC(b_p) as 1 x D> (times the scale); (K, 4).
+        """Deltas of each proposal towards its query: <FC(b_q) as 4 x D, FC(b_p) as 1 x D> (/ sqrt(D) with
+        ``scale_dot_products``); (K, 4).
         Row k of both inputs belongs to the same (proposal, query) pair."""
         if self.reg_query is None or self.reg_proposal is None:
             raise RuntimeError("this CROI head was built without the regression projections (reg_dim=None)")
