@@ -117,12 +117,14 @@ def decode_boxes(
     """Apply ``deltas`` to the ``reference`` boxes; (N, 4) xyxy. The inverse of ``encode_boxes``.
 
     ``dw`` and ``dh`` (after dividing by their weights) are clamped at ``scale_clamp`` so that an untrained head
-    cannot overflow ``exp`` (detectron2's Box2BoxTransform).
+    cannot overflow ``exp`` (detectron2's Box2BoxTransform). Decoded in float32 at least, whatever the deltas' dtype:
+    bf16 deltas (under autocast) would round a box edge near x = 1000 to a multiple of 8 px.
     """
     _check_boxes(deltas, "deltas")
     _check_boxes(reference, "reference")
     wx, wy, ww, wh = weights
-    reference = reference.to(deltas.dtype)
+    dtype = torch.promote_types(torch.promote_types(deltas.dtype, reference.dtype), torch.float32)
+    deltas, reference = deltas.to(dtype), reference.to(dtype)
     ref_w = reference[:, 2] - reference[:, 0]
     ref_h = reference[:, 3] - reference[:, 1]
     ref_x = reference[:, 0] + 0.5 * ref_w

@@ -133,3 +133,15 @@ def test_sample_rows_draws_a_uniform_subset_of_each_rows_true_entries():
     # Uniform: over many draws every entry of a full row is chosen about max_count / M of the time.
     counts = sum(sample_rows(torch.ones(1, 10, dtype=torch.bool), 3)[0].float() for _ in range(2000))
     assert torch.allclose(counts / 2000, torch.full((10,), 0.3), atol=0.05)
+
+
+def test_decode_in_float32_whatever_the_deltas_dtype():
+    """bf16 deltas (a head under autocast) must not round the decoded boxes: near x = 1000 bf16 steps are 8 px."""
+    reference = torch.tensor([[1000.0, 600.0, 1090.0, 700.0], [13.0, 17.0, 40.0, 90.0]])
+    deltas = torch.tensor([[0.11, -0.07, 0.05, 0.2], [0.3, 0.1, -0.4, 0.02]])
+    weights = (10.0, 10.0, 5.0, 5.0)
+    from_bf16 = decode_boxes(deltas.bfloat16(), reference, weights=weights)
+    assert from_bf16.dtype == torch.float32
+    assert torch.equal(from_bf16, decode_boxes(deltas.bfloat16().float(), reference, weights=weights))
+    assert (from_bf16[0] % 8 != 0).any()  # not on bf16's 8-px grid
+    assert decode_boxes(deltas.double(), reference, weights=weights).dtype == torch.float64
