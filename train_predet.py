@@ -40,10 +40,10 @@ the labels itself into a compact array index (no broadcast, no rank waiting on a
 any wait at a collective. A run with ``--losses cls`` needs no cache.
 
 Outputs in --output-dir: proposals.edgeboxes/, args.json, log.jsonl (every loss term), checkpoint.pth (resume with
---resume auto), export/ (model.safetensors, config.json, README.md, and fpn.safetensors unless --no-export-fpn;
-heads.safetensors with --export-heads): load it with timm.create_model(ARCH, pretrained=True, num_classes=0,
-pretrained_cfg_overlay=dict(file=".../model.safetensors")) or finetune.py --backbone-weights OUT/export, which also
-initializes the detector's FPN from fpn.safetensors.
+--resume auto), export/ (model.safetensors, config.json, README.md, fpn.safetensors unless --no-export-fpn, and
+heads.safetensors, the heads fine-tuning starts from, see --export-heads): load it with timm.create_model(ARCH,
+pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=".../model.safetensors")) or finetune.py
+--backbone-weights OUT/export, which also initializes the detector's FPN, RPN conv and box head from it.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ from detpretrain.data import labelled_images, tar_shards
 from detpretrain.data.labelled_images import ImageDecodeError, LabelledImageDataset, LabelledImages, LabelledSample
 from detpretrain.data.synthetic import synthetic_coco
 from detpretrain.data.tar_shards import DEFAULT_SHUFFLE_BUFFER
+from detpretrain.detection.predet_heads import HEAD_INIT
 from detpretrain.detection.protocols import NORM_MODULES
 from detpretrain.predet.model import LOSS_NAMES, PreDet, PreDetConfig, create_predet
 from detpretrain.predet.views import (
@@ -218,7 +219,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-every", type=int, default=20, help="log.jsonl row every N steps")
     run.add_argument("--quiet", action="store_true", help="no progress bar or log lines on stderr")
     run.add_argument("--no-export-fpn", action="store_true", help="export the backbone only, not fpn.safetensors")
-    run.add_argument("--export-heads", action="store_true", help="also export the PreDet heads (heads.safetensors)")
+    run.add_argument(
+        "--export-heads",
+        nargs="?",
+        const="all",
+        default="transfer",
+        choices=["transfer", "all", "none"],
+        help="heads.safetensors: the heads finetune.py starts from (transfer: the CRPN conv and the CROI box head, "
+        "default), every PreDet head (all; the flag alone), or none",
+    )
     run.add_argument("--tag", default="predet", help="the timm pretrained tag the export is for")
     run.add_argument("--license", default="apache-2.0", help="license of the exported weights (model card)")
     return parser
@@ -629,8 +638,8 @@ def main(args: argparse.Namespace) -> Path:
     if dist_info.is_main:
         # Written by save_pretrained beside the backbone, atomically like it: fpn.safetensors, heads.safetensors.
         extra = {} if args.no_export_fpn else {"fpn": model.fpn.fpn.state_dict()}
-        if args.export_heads:
-            extra["heads"] = {k: v for k, v in model.state_dict().items() if not k.startswith("fpn.")}
+        if heads := exported_heads(model, args.export_heads):
+            extra["heads"] = heads
         card = model_card_fields(
             args,
             model,
@@ -657,6 +666,17 @@ def main(args: argparse.Namespace) -> Path:
         dist.barrier()
     engine.cleanup_distributed()
     return export_dir
+
+
+def exported_heads(model: PreDet, which: str) -> dict[str, torch.Tensor]:
+    """The PreDet heads written beside the backbone: "transfer" keeps the modules fine-tuning starts from
+    (``detpretrain.detection.predet_heads.HEAD_INIT``: the CRPN's shared conv and the CROI's 2 x 1024 box head, a
+    quarter of the heads' size), "all" every head (everything but the FPN), "none" nothing."""
+    heads = {k: v for k, v in model.state_dict().items() if not k.startswith("fpn.")}
+    if which == "transfer":
+        prefixes = tuple(f"{source}." for source, _ in HEAD_INIT.values())
+        heads = {k: v for k, v in heads.items() if k.startswith(prefixes)}
+    return heads if which != "none" else {}
 
 
 # ------------------------------------------------------------------------------------------------------ the card

@@ -780,3 +780,14 @@ def test_anchor_helpers_agree_with_the_crpn_levels():
     anchors = crpn.anchors(features)
     torch.testing.assert_close(anchors[1], grid_anchors(cell_anchors(64, (0.5, 1.0, 2.0)), (3, 3), 8))
     assert [len(a) for a in anchors] == [5 * 6 * 3, 3 * 3 * 3]
+
+
+def test_pooler_keeps_float32_boxes_for_a_bf16_map():
+    """A bf16 feature map (autocast) must not round the boxes: near x = 1000 bf16 steps are 8 px."""
+    torch.manual_seed(0)
+    pooler = FPNRoIAlign(strides=(4,), output_size=2, sampling_ratio=0, aligned=True)
+    features = torch.randn(1, 3, 8, 300)  # 1200 px wide at stride 4
+    boxes = torch.tensor([[1001.3, 5.0, 1013.7, 21.0]])  # bf16 would make it [1000, 5, 1016, 21]
+    pooled = pooler([features.bfloat16()], boxes, torch.zeros(1, dtype=torch.long))
+    expected = pooler([features.bfloat16().float()], boxes, torch.zeros(1, dtype=torch.long)).bfloat16()
+    assert pooled.dtype == torch.bfloat16 and torch.equal(pooled, expected)

@@ -102,7 +102,7 @@ def test_export_initializes_finetune_detectors_backbone_and_fpn(tmp_path, coco12
         tmp_path,
         *coco128_flags(coco128),
         *["--proposals", str(coco128_proposals), "--iters", "2", "--warmup-iters", "1", "--batch-size", "4"],
-        *["--fpn-channels", "256", "--view-size", "64", "--export-heads", "--tag", "predet_test"],
+        *["--fpn-channels", "256", "--view-size", "64", "--predet-config", "box_head_dim=1024", "--tag", "predet_test"],
     )
     model, record = build_detector(
         "fasterrcnn",
@@ -115,8 +115,19 @@ def test_export_initializes_finetune_detectors_backbone_and_fpn(tmp_path, coco12
     fpn = safetensors.torch.load_file(export / "fpn.safetensors")
     loaded = model.backbone.fpn.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in fpn.items())
+    # By default the export holds the heads fine-tuning starts from, and the detector starts from them.
     heads = safetensors.torch.load_file(export / "heads.safetensors")
-    assert any(k.startswith("crpn.") for k in heads) and any(k.startswith("croi.") for k in heads)
+    assert {k.rsplit(".", 1)[0] for k in heads} == {
+        "crpn.head.conv",
+        *(f"croi.head.box_head.{fc}" for fc in ("fc6", "fc7")),
+    }
+    assert record["loaded"]["heads"]["initialized"] == {
+        "rpn.head.conv": "crpn.head.conv",
+        "roi_heads.box_head": "croi.head.box_head",
+    }
+    state = model.state_dict()
+    assert torch.equal(state["rpn.head.conv.0.0.weight"], heads["crpn.head.conv.weight"])
+    assert torch.equal(state["roi_heads.box_head.fc7.weight"], heads["croi.head.box_head.fc7.weight"])
 
 
 class Crash(RuntimeError):
@@ -237,6 +248,7 @@ def test_options_train_and_are_recorded(tmp_path, monkeypatch, coco128, coco128_
         *coco128_flags(coco128),
         *["--proposals", str(coco128_proposals), "--predet-config", "symmetric_views=true", "scale_dot_products=true"],
         *["--sync-bn", "--iters", "2", "--warmup-iters", "1", "--batch-size", "4", "--log-every", "1"],
+        "--export-heads",  # alone: every head, not only those fine-tuning starts from
     )
     rows = log_rows(export.parent)
     assert all(math.isfinite(row[k]) for row in rows for k in LOSS_TERMS)
@@ -249,6 +261,8 @@ def test_options_train_and_are_recorded(tmp_path, monkeypatch, coco128, coco128_
     assert "SyncBatchNorm (--sync-bn)" in card and "one process, statistics over its own 4 views, as BatchNorm" in card
     assert "| config.box_head_dim | 128: " in card  # TINY's --predet-config still applies
     assert json.loads((export.parent / "args.json").read_text())["sync_bn"] is True
+    heads = safetensors.torch.load_file(export / "heads.safetensors")
+    assert heads.keys() == {k for k in model.state_dict() if not k.startswith("fpn.")}
 
 
 def test_batch_norm_record_says_what_bn_normalizes_and_refuses_syncbn_off_gpu():

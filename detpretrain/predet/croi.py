@@ -120,10 +120,12 @@ class FPNRoIAlign(nn.Module):
         *counts, num_unpooled = torch.bincount(index, minlength=num_levels + 1).tolist()
         if num_unpooled:
             raise ValueError(f"{num_unpooled} boxes have no FPN level: boxes need x2 >= x1 and y2 >= y1 (no NaN)")
+        # Pooled in float32 (as autocast would run torchvision's roi_align anyway): boxes cast to a bf16 map's dtype
+        # would land on an 8-px grid near x = 1000.
         pooled = [
             roi_align(
-                x,
-                level_rois.to(x.dtype),
+                x.float(),
+                level_rois.float(),
                 output_size=self.output_size,
                 spatial_scale=1.0 / stride,
                 sampling_ratio=self.sampling_ratio,
