@@ -103,17 +103,22 @@ def four_samples():
     )
 
 
-def test_without_augmentation_pixels_land_unchanged_in_their_regions():
-    squares, tall, wide = four_samples()
-    jigsaw = assemble_jigsaw(
+def assemble_unscaled(squares, tall, wide, *, flip_prob):
+    """The four samples assembled at scale 1 (no scale augmentation), flipped with ``flip_prob``."""
+    return assemble_jigsaw(
         squares=squares,
         tall=tall,
         wide=wide,
         template=TEMPLATE,
         generator=torch.Generator().manual_seed(0),
         scale_range=(1.0, 1.0),
-        flip_prob=0.0,
+        flip_prob=flip_prob,
     )
+
+
+def test_without_augmentation_pixels_land_unchanged_in_their_regions():
+    squares, tall, wide = four_samples()
+    jigsaw = assemble_unscaled(squares, tall, wide, flip_prob=0.0)
     # The smaller S top-left, W top-right, T bottom-left, the larger S bottom-right; labels follow.
     assert jigsaw.input_index.tolist() == [1, 3, 2, 0]
     assert jigsaw.labels.tolist() == [2, 4, 3, 1]
@@ -136,15 +141,7 @@ def test_without_augmentation_pixels_land_unchanged_in_their_regions():
 
 def test_flip_mirrors_the_sample():
     squares, tall, wide = four_samples()
-    jigsaw = assemble_jigsaw(
-        squares=squares,
-        tall=tall,
-        wide=wide,
-        template=TEMPLATE,
-        generator=torch.Generator().manual_seed(0),
-        scale_range=(1.0, 1.0),
-        flip_prob=1.0,
-    )
+    jigsaw = assemble_unscaled(squares, tall, wide, flip_prob=1.0)
     assert jigsaw.flipped.all()
     x1, y1, x2, y2 = jigsaw.content_boxes[1].tolist()  # the W-sample, 100 wide: fits whole
     assert torch.equal(jigsaw.image[:, y1:y2, x1:x2], wide.image.flip(-1))
