@@ -1,5 +1,11 @@
 """torchvision detectors on any timm backbone, built as a fine-tuning protocol says, with a record of what loaded.
 
+Backbones: any timm model with ``features_only`` maps at the strides the arch reads (``LEVEL_STRIDES``), found in
+its ``feature_info`` whatever their indices (``detpretrain.backbone.choose_levels``): ResNet / ResNeXt, RegNet,
+ConvNeXt, EfficientNet, MobileNet, and the ViT-style models whose levels reach strides 4..32. Others (a plain ViT:
+every level at stride 16) are refused with ``detpretrain.backbone.BackboneError``, one line naming what is missing.
+C2..C5 below mean the levels at strides 4..32 of any such model, res5 the modules that produce C5 from C4.
+
 Architectures (``ARCHS``):
 
 - ``fasterrcnn``, ``maskrcnn``: torchvision's FasterRCNN / MaskRCNN on ``TimmFPN`` (P2-P5 from C2-C5, P6 by max
@@ -15,8 +21,10 @@ Architectures (``ARCHS``):
   Res5ROIHeads: stem..res4 give one stride-16 map; the RPN runs on it with 15 anchors (32..512 x 3 ratios); RoIAlign
   14x14; the ROI head is the backbone's res5 stage (its first block strides 2: 14 -> 7) initialized from the same
   pre-trained weights, then global average pooling and FastRCNNPredictor. The paper credits that transfer of res5
-  for its C4 gain (§4.2), so res5 is a copy of the pre-trained stage, never a fresh one. RPN top-k are detectron2's
-  Base-RCNN-C4 values (12000/2000 train, 6000/1000 test) under both defaults: torchvision has no C4 values.
+  for its C4 gain (§4.2), so res5 is a copy of the pre-trained stage, never a fresh one. res5 is ``layer4`` of a
+  ResNet, ``stages_3`` of a ConvNeXt, ``blocks.5-6`` of an EfficientNet; a model whose stride-32 stage is not a run
+  of sibling modules mapping C4 to C5 is refused. RPN top-k are detectron2's Base-RCNN-C4 values (12000/2000 train,
+  6000/1000 test) under both defaults: torchvision has no C4 values.
 
 The protocol (``detpretrain.detection.protocols``) sets the backbone norm and frozen stages, FPN and head norms, the
 box head, and the sizes. The model's transform (``ProtocolTransform``) always resizes test images (torchvision's
@@ -80,23 +88,40 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from detpretrain.backbone import TimmFPN, create_body, group_norm
+from detpretrain.backbone import (
+    BackboneError,
+    TimmFPN,
+    body_stages,
+    choose_levels,
+    create_body,
+    feature_module_path,
+    freeze_stages,
+    group_norm,
+    norm_layers,
+)
 from detpretrain.detection.parts import AlignedRoIPooler, DetectorAnchorGenerator, Float32BoxCoder
 from detpretrain.detection.predet_heads import HEADS_FILE, load_predet_heads
 from detpretrain.detection.protocols import Protocol, override_protocol
 from detpretrain.hub import check_keys, load_weights, read_weights
 from detpretrain.zoo import find_entry
 
-__all__ = ["ARCHS", "TRAIN_RESIZE", "C4Backbone", "ProtocolTransform", "build_detector"]
+__all__ = ["ARCHS", "LEVEL_STRIDES", "TRAIN_RESIZE", "C4Backbone", "ProtocolTransform", "build_detector"]
 
 ARCHS = ("fasterrcnn", "fasterrcnn_c4", "maskrcnn", "retinanet")
 TRAIN_RESIZE = ("dataset", "model")  # who resizes training images to the protocol's train sizes
 SYNCBN_DEVICE_TYPES = ("cuda", "xpu", "hpu")  # where torch's SyncBatchNorm trains (its forward checks this)
 FPN_CHANNELS = 256
 FPN_LEVELS = ("0", "1", "2", "3")  # P2-P5, TimmFPN's names
-# Body feature indices (timm out_indices; index i has stride 2 ** (i + 1)): C2-C5 for the R-CNN FPN, C3-C5 for
-# RetinaNet, C4 and C5 for the C4 model (C5 only to take res5 out as the ROI head).
-OUT_INDICES = {"fasterrcnn": (1, 2, 3, 4), "maskrcnn": (1, 2, 3, 4), "retinanet": (2, 3, 4), "fasterrcnn_c4": (3, 4)}
+# The strides of the body levels each arch reads (their timm indices differ by family: ``choose_levels``): C2-C5 for
+# the R-CNN FPN, C3-C5 for RetinaNet, C4 and C5 for the C4 model (C5 only to take res5 out as the ROI head).
+LEVEL_STRIDES = {"fasterrcnn": (4, 8, 16, 32), "maskrcnn": (4, 8, 16, 32), "retinanet": (8, 16, 32)}
+LEVEL_STRIDES["fasterrcnn_c4"] = (16, 32)
+_NEEDED_BY = {  # what needs the strides, for the refusal of a backbone without them
+    "fasterrcnn": "the FPN (fasterrcnn)",
+    "maskrcnn": "the FPN (maskrcnn)",
+    "retinanet": "RetinaNet's FPN",
+    "fasterrcnn_c4": "fasterrcnn_c4 (a stride-16 body and the stride-32 stage as its ROI head)",
+}
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 TORCHVISION_SAMPLING = 2  # the RoIAlign sampling_ratio of torchvision's own detectors
@@ -217,25 +242,95 @@ def _float32_box_coders(model: nn.Module) -> None:
             module.box_coder = Float32BoxCoder(coder.weights, coder.bbox_xform_clip)
 
 
-def _split_res5(full: nn.Module, backbone: str, protocol: Protocol, norm: str) -> tuple[nn.Module, nn.Module]:
-    """(stem..res4 body, res5 stage) from a body built with out_indices (3, 4), res5 keeping its weights.
+def _split_res5(
+    full: nn.Module, backbone: str, protocol: Protocol, norm: str
+) -> tuple[nn.Module, nn.Module, list[str]]:
+    """(stem..res4 body, res5 head, res5's module paths in ``full``) from a body on the stride-16 and 32 levels.
 
-    A timm features_only model holds its modules up to the last returned stage, so res5 is its last child.
-    The stem..res4 body is a second features_only model of the same architecture ending at res4, given the
-    full body's weights (same keys), so nothing of timm's feature wrapper is edited in place.
+    res5 is the run of modules after the one that produces C4, up to the one that produces C5, siblings in one
+    container: ``layer4`` (ResNet), ``s4`` (RegNet), ``stages_3`` (ConvNeXt), ``blocks.5, blocks.6`` (EfficientNet,
+    whose stride-32 stage is two block groups). It keeps the weights ``full`` has. The stem..res4 body is a second
+    features_only model of the same architecture on the C4 level, given the full body's other weights (same keys);
+    the res5 blocks that timm's own feature classes (EfficientNet's, MobileNet's) keep anyway are removed from it.
     """
-    res5_name, res5 = list(full.named_children())[-1]
-    if res5_name != full.feature_info.module_name()[-1].replace(".", "_"):
-        raise ValueError(
-            f"{backbone!r}: its last stage is not one module of the timm feature model ({res5_name!r}), so it "
-            "cannot become the C4 ROI head; use fasterrcnn (FPN) with this backbone"
+
+    def refused(why: str) -> BackboneError:
+        return BackboneError(
+            f"{backbone}: {why}, so its stride-32 stage cannot become the C4 ROI head; use fasterrcnn (FPN) with it"
         )
-    # res5 is frozen (or not) in ``full`` already; the res4 body has no stage 5 to freeze.
-    body = create_body(
-        backbone, pretrained=False, out_indices=(3,), norm=norm, frozen_stages=min(protocol.frozen_stages, 4)
+
+    c4_index = full.feature_info.out_indices[0]
+    c4_path, c5_path = (feature_module_path(full, module) for module in full.feature_info.module_name())
+    if c4_path is None or c5_path is None or c4_path.rpartition(".")[0] != c5_path.rpartition(".")[0]:
+        modules = " and ".join(full.feature_info.module_name())
+        raise refused(f"its C4 and C5 come from {modules}, not two sibling modules of its {type(full).__name__}")
+    parent_path, _, c4_name = c4_path.rpartition(".")
+    parent = full.get_submodule(parent_path)
+    names = [name for name, _ in parent.named_children()]
+    head_names = names[names.index(c4_name) + 1 : names.index(c5_path.rpartition(".")[2]) + 1]
+    head_paths = [f"{parent_path}.{name}" if parent_path else name for name in head_names]
+    res5 = parent.get_submodule(head_names[0])
+    if len(head_names) > 1:
+        res5 = nn.Sequential(OrderedDict((name, parent.get_submodule(name)) for name in head_names))
+    _check_res5(res5, full.feature_info.channels(), refused)
+
+    body = create_body(backbone, pretrained=False, out_indices=(c4_index,), norm=norm)
+    body_parent = body.get_submodule(parent_path)
+    for name in head_names:
+        if hasattr(body_parent, name):
+            delattr(body_parent, name)
+    head_prefixes = tuple(f"{path}." for path in head_paths)
+    body.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith(head_prefixes)})
+    # res5 is frozen (or not) in ``full`` already; the res4 body has the stem and 3 stages to freeze.
+    freeze_stages(body, min(protocol.frozen_stages, 4))
+    return body, res5, head_paths
+
+
+def _check_res5(res5: nn.Module, channels: list[int], refused) -> None:
+    """res5 must map a 14 x 14 C4 RoI to a 7 x 7 C5 map (NCHW): run it once, in eval mode, without gradients."""
+    was_training = res5.training
+    res5.eval()
+    try:
+        with torch.no_grad():
+            out = res5(torch.zeros(1, channels[0], 14, 14))
+    except Exception as err:  # a foreign stage can fail in any way: refused with its reason
+        raise refused(f"its res5 does not run on a ({channels[0]}, 14, 14) RoI ({str(err).splitlines()[0]})") from err
+    finally:
+        res5.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, channels[1], 7, 7):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise refused(f"its res5 maps a ({channels[0]}, 14, 14) RoI to {shape}, not ({channels[1]}, 7, 7)")
+
+
+def _body_record(model: nn.Module, res5_paths: list[str], *, norm: str, c5_stride: int) -> dict[str, Any]:
+    """The backbone's stages (stem, stage1..4: modules, frozen or not; C4's stage4 is the ROI head) and its norm
+    layers after the protocol's norm, with those the norm setting leaves as they are (LayerNorm)."""
+    body = model.backbone.body
+    params = dict(body.named_parameters())
+
+    def frozen(names: list[str], tensors: dict[str, torch.Tensor]) -> bool:
+        return bool(names) and not any(tensors[name].requires_grad for name in names)
+
+    stages = [
+        {"name": stage["name"], "stride": stage["stride"], "modules": stage["modules"]}
+        | {"frozen": frozen(stage["parameters"], params)}
+        for stage in body_stages(body)
+    ]
+    norms = norm_layers(body)
+    if res5_paths:
+        res5 = model.roi_heads.box_head.res5
+        res5_params = dict(res5.named_parameters())
+        stages.append(
+            {"name": f"stage{len(stages)}", "stride": c5_stride, "modules": res5_paths}
+            | {"module": "roi_heads.box_head.res5", "frozen": frozen(list(res5_params), res5_params)}
+        )
+        norms = {k: norms.get(k, 0) + norm_layers(res5).get(k, 0) for k in sorted({*norms, *norm_layers(res5)})}
+    converted = ("GroupNorm", "GroupNormAct") if norm == "gn" else ()
+    untouched = [k for k in norms if "BatchNorm" not in k and k not in converted]
+    note = f"norm={norm!r} acts on BatchNorm only" + (
+        f"; left as they are: {', '.join(untouched)}" if untouched else ""
     )
-    body.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith(f"{res5_name}.")})
-    return body, res5
+    return {"stages": stages, "norm_layers": norms, "norm": note}
 
 
 def _export_architecture(path: Path) -> str | None:
@@ -265,11 +360,12 @@ def _backbone_record(backbone: str, body: nn.Module, *, pretrained: bool, weight
     return {"from": "timm", "weights": name, "architecture": arch}
 
 
-def _load_fpn(fpn: FeaturePyramidNetwork, path: Path, levels: tuple[int, ...]) -> dict[str, Any]:
-    """Load an export's ``fpn.safetensors`` into ``fpn`` (built on body ``levels``), strictly, level by level.
+def _load_fpn(fpn: FeaturePyramidNetwork, path: Path, strides: tuple[int, ...]) -> dict[str, Any]:
+    """Load an export's ``fpn.safetensors`` into ``fpn`` (built on the body levels of ``strides``), strictly, level
+    by level.
 
-    The export's FPN is taken to end at C5 (PreDet pre-trains P2-P6 on C2-C5, PAPER_NOTES "CRPN"); a detector
-    whose FPN starts higher (RetinaNet: C3-C5) gets the export's blocks of the same levels, which compute
+    The export's FPN is taken to end at C5, stride 32 (PreDet pre-trains P2-P6 on C2-C5, PAPER_NOTES "CRPN"); a
+    detector whose FPN starts higher (RetinaNet: C3-C5) gets the export's blocks of the same levels, which compute
     exactly the same P3-P5 (the top-down path never reads P2). Extra blocks the export lacks (RetinaNet's P6/P7
     convs) stay at their init and are named in the record; anything else missing, unexpected, or of another
     shape raises before a tensor is copied.
@@ -277,15 +373,15 @@ def _load_fpn(fpn: FeaturePyramidNetwork, path: Path, levels: tuple[int, ...]) -
     state = read_weights(path)
     blocks = ("inner_blocks", "layer_blocks")
     n_export = len({k.split(".")[1] for k in state if k.startswith(blocks)})
-    export_levels = tuple(range(5 - n_export, 5))
-    if not export_levels:
+    export_strides = tuple(32 // 2**k for k in reversed(range(n_export)))  # (4, 8, 16, 32) for C2-C5
+    if not export_strides:
         raise ValueError(f"{path} holds no FPN blocks (inner_blocks / layer_blocks): export the FPN again")
-    if not set(levels) <= set(export_levels):
+    if not set(strides) <= set(export_strides):
         raise ValueError(
-            f"{path} holds an FPN on C{export_levels[0] + 1}-C5 but this detector's FPN needs C{levels[0] + 1}-C5: "
-            "pass load_fpn_weights=False to start the FPN from scratch"
+            f"{path} holds an FPN on C{_level(export_strides[0])}-C5 but this detector's FPN needs "
+            f"C{_level(strides[0])}-C5: pass load_fpn_weights=False to start the FPN from scratch"
         )
-    offset = levels[0] - export_levels[0]
+    offset = export_strides.index(strides[0])
     mapped = {}
     for key, value in state.items():
         if key.startswith(blocks):
@@ -304,12 +400,17 @@ def _load_fpn(fpn: FeaturePyramidNetwork, path: Path, levels: tuple[int, ...]) -
         outcome="Nothing was loaded: match the protocol's fpn_norm to the export's FPN, or load_fpn_weights=False.",
     )
     fpn.load_state_dict(mapped, strict=False)
-    record: dict[str, Any] = {"from": "export", "weights": str(path), "levels": [f"P{i + 1}" for i in levels]}
-    if export_levels != levels:
-        record["not_used"] = [f"P{i + 1}" for i in export_levels if i not in levels]
+    record: dict[str, Any] = {"from": "export", "weights": str(path), "levels": [f"P{_level(s)}" for s in strides]}
+    if export_strides != strides:
+        record["not_used"] = [f"P{_level(s)}" for s in export_strides if s not in strides]
     if new:
         record["new"] = sorted({k.split(".")[1] for k in new})  # e.g. ["p6", "p7"] for RetinaNet
     return record
+
+
+def _level(stride: int) -> int:
+    """The pyramid level of a stride: C2 / P2 at stride 4 ... C5 / P5 at stride 32."""
+    return stride.bit_length() - 1
 
 
 def _c4_detector(
@@ -391,7 +492,7 @@ def _retinanet(
     return model, {"anchors": [list(level) for level in sizes]}
 
 
-def _fpn_weights(fpn: FeaturePyramidNetwork, weights: Path | None, *, levels: tuple[int, ...], load: bool) -> dict:
+def _fpn_weights(fpn: FeaturePyramidNetwork, weights: Path | None, *, strides: tuple[int, ...], load: bool) -> dict:
     """Load the export's fpn.safetensors when there is one (and ``load``); the record says what happened."""
     if weights is None or not weights.is_dir():
         reason = "backbone_weights is a file, not an export folder" if weights else "no backbone_weights export"
@@ -400,7 +501,7 @@ def _fpn_weights(fpn: FeaturePyramidNetwork, weights: Path | None, *, levels: tu
         return {"from": "none", "reason": f"{weights} has no fpn.safetensors: the FPN starts from scratch"}
     if not load:
         return {"from": "none", "reason": "load_fpn_weights=False: the FPN starts from scratch"}
-    return _load_fpn(fpn, weights / "fpn.safetensors", levels)
+    return _load_fpn(fpn, weights / "fpn.safetensors", strides)
 
 
 def _head_weights(model: nn.Module, weights: Path | None, *, load: bool) -> dict:
@@ -493,9 +594,12 @@ def build_detector(
     ``box_batch_size_per_image``) and win over the values the protocol's ``detector_defaults`` set.
 
     ``record`` (for eval.json): ``arch``, ``backbone``, ``num_classes``, ``protocol`` (every setting in effect,
-    overrides included), ``batch_norm``, ``detector`` (the settings fixed here, with what torchvision fixes that
-    detectron2 does otherwise), and ``loaded``: for ``backbone``, ``fpn``, ``heads`` and (C4) ``res5_head``, where
-    the weights came from (``from``: zoo, timm, hf-hub, local-dir, export, file, or none with a ``reason``).
+    overrides included), ``batch_norm``, ``body`` (the timm levels taken: ``levels`` with their indices, strides,
+    channels and modules; ``stages``: stem and stages 1..4 with their modules and whether frozen; ``norm_layers`` by
+    type, and in ``norm`` those the norm setting leaves as they are), ``detector`` (the settings fixed here, with what
+    torchvision fixes that detectron2 does otherwise), and ``loaded``: for ``backbone``, ``fpn``, ``heads`` and (C4)
+    ``res5_head``, where the weights came from (``from``: zoo, timm, hf-hub, local-dir, export, file, or none with a
+    ``reason``).
     """
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r} is not one of {ARCHS}")
@@ -529,7 +633,7 @@ def build_detector(
     sync, batch_norm = _batch_norm_mode(protocol, world_size=world_size, device_type=device_type)
     body_norm = "bn" if protocol.norm == "syncbn" else protocol.norm  # synced below, with the heads' BN
 
-    out_indices = OUT_INDICES[arch]
+    out_indices = choose_levels(backbone, LEVEL_STRIDES[arch], needed_by=_NEEDED_BY[arch])
     body = create_body(
         backbone,
         pretrained=pretrained and weights is None,
@@ -545,6 +649,9 @@ def build_detector(
         load_weights(body, weights)
     loaded: dict[str, Any] = {"backbone": _backbone_record(backbone, body, pretrained=pretrained, weights=weights)}
     mean, std = list(body.pretrained_cfg["mean"]), list(body.pretrained_cfg["std"])
+    info = body.feature_info
+    levels = {"indices": list(out_indices), "strides": info.reduction(), "channels": info.channels()}
+    levels["modules"] = info.module_name()
 
     # Test-time limits under each class's own names; then the arch's defaults; the caller's kwargs win.
     if arch == "retinanet":
@@ -560,13 +667,14 @@ def build_detector(
 
     if arch == "fasterrcnn_c4":
         res5_channels = body.feature_info.channels()[-1]
-        body, res5 = _split_res5(body, backbone, protocol, body_norm)
+        body, res5, res5_paths = _split_res5(body, backbone, protocol, body_norm)
         model, settings = _c4_detector(
             C4Backbone(body), res5, res5_channels, num_classes, exact=exact, tv_kwargs=tv_kwargs
         )
         loaded["fpn"] = {"from": "none", "reason": "fasterrcnn_c4 has no FPN"}
-        loaded["res5_head"] = {**loaded["backbone"], "module": "roi_heads.box_head.res5"}
+        loaded["res5_head"] = {**loaded["backbone"], "module": "roi_heads.box_head.res5", "from_body": res5_paths}
     else:
+        res5_paths = []
         extra = LastLevelP6P7(body.feature_info.channels()[-1], FPN_CHANNELS) if arch == "retinanet" else None
         features = TimmFPN(
             body, out_channels=FPN_CHANNELS, extra_blocks=extra, norm_layer=_norm_layer(protocol.fpn_norm)
@@ -576,7 +684,7 @@ def build_detector(
             settings["p6_p7_from"] = "P5" if extra.use_P5 else "C5"  # torchvision uses P5 when C5 has 256 channels
         else:
             model, settings = _rcnn_fpn(arch, features, num_classes, protocol, exact=exact, tv_kwargs=tv_kwargs)
-        loaded["fpn"] = _fpn_weights(features.fpn, weights, levels=out_indices, load=load_fpn_weights)
+        loaded["fpn"] = _fpn_weights(features.fpn, weights, strides=tuple(levels["strides"]), load=load_fpn_weights)
     loaded["heads"] = _head_weights(model, weights, load=load_head_weights)
     _float32_box_coders(model)
     settings.update(_defaults_record(arch, exact=exact))
@@ -598,6 +706,10 @@ def build_detector(
         "num_classes": num_classes,
         "protocol": protocol.as_dict(),
         "batch_norm": batch_norm,
+        "body": {
+            "levels": levels,
+            **_body_record(model, res5_paths, norm=protocol.norm, c5_stride=levels["strides"][-1]),
+        },
         "detector": {
             "out_indices": list(out_indices),
             **settings,
