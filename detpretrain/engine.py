@@ -28,6 +28,16 @@ so the format does not depend on the AMP mode), ``step`` (optimizer steps comple
 run resumes at), ``args`` (JSON-able dict), ``world_size``, ``global_batch_size``, ``rng`` (one dict per rank:
 python, numpy, torch, cuda states as tensors and plain types), plus whatever the script adds.
 
+Bad input. ``InputError`` marks an error in the user's data or files, not a bug: ``run_main`` (each script's
+``__main__``) prints its message as one line on stderr and exits non-zero, also when a DataLoader worker raised it,
+on whichever rank met it (torchrun then stops the other ranks). A sample that cannot be used (``BadSampleError``: an
+undecodable, truncated or empty image, or one whose size contradicts its annotations) does not stop a run:
+``StepSeededDataset`` replaces it by the first good index of a probe sequence seeded by its ``SampleKey``, so the
+replacement is a pure function of the key and the files, whichever worker, rank or resumed run draws it; the
+loader of ``make_loader`` hands the skipped samples back to the main process with their batch, and
+``BadSampleTracker`` gathers them over the ranks, logs them, checkpoints them and stops the run with one line once
+more than ``max_fraction`` of the dataset is bad.
+
 ``log.jsonl`` (rank 0, one JSON object per line, every ``log_every`` steps and at the last step): ``step``
 (0-based index of the step the values come from), ``lr``, ``loss`` (the total), one ``loss_<name>`` per
 term, ``grad_norm``, ``samples_per_s`` (since the previous line), ``elapsed_s`` (training time, continued
@@ -81,6 +91,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 CHECKPOINT_NAME = "checkpoint.pth"
@@ -102,6 +113,8 @@ DEFAULT_RESUME_IGNORE = frozenset(
         "batch_size",
         "accum_steps",
         "dist_timeout",
+        "count_flops",
+        "max_bad_image_fraction",  # decides only when a run stops: raising it and resuming is the way on
     }
 )
 
@@ -111,6 +124,65 @@ DEFAULT_RESUME_IGNORE = frozenset(
 # while a hung job should fail within the hour. torch's own defaults (10 min for NCCL, 30 for gloo) stop
 # jobs whose rank 0 evaluates LVIS.
 DEFAULT_DIST_TIMEOUT_MINUTES = 60.0
+# The --max-bad-image-fraction default: a real dataset has a few broken files (COCO train2017 has none, web crawls
+# ~0.1%), while a dataset with more is more likely a wrong folder or a broken copy, which a run should not train on.
+DEFAULT_MAX_BAD_IMAGE_FRACTION = 0.01
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+class InputError(Exception):
+    """An error in the user's data or files, not a bug: the message says which file and what to do. ``run_main``
+    reports it as one line on stderr and a non-zero exit, without a traceback."""
+
+
+class BadSampleError(InputError, ValueError):
+    """One sample that cannot be used (an undecodable, truncated, empty or missing image, or one whose size
+    contradicts its annotations): ``StepSeededDataset`` replaces it and reports it instead of stopping the run.
+
+    ``name`` identifies the sample (its file), ``reason`` says what is wrong with it in a few words. Both are optional
+    so that the class can be rebuilt from its message alone, as a DataLoader re-raising a worker's exception does.
+    """
+
+    def __init__(self, message: str, *, name: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.name, self.reason = name, reason if reason is not None else message
+
+    def __reduce__(self) -> tuple:  # keyword arguments survive pickling (multiprocessing pools)
+        return (functools.partial(type(self), name=self.name, reason=self.reason), (str(self),))
+
+
+class TooManyBadSamplesError(InputError):
+    """More of the dataset is bad than ``--max-bad-image-fraction`` allows, or a whole probe sequence was bad."""
+
+
+def input_error_message(error: BaseException) -> str:
+    """``error``'s message as one line. A DataLoader re-raises a worker's exception with the worker's traceback as
+    its message ("Caught X in DataLoader worker process N. Original Traceback ..."): its last line holds the original
+    message, after the exception's name."""
+    text = str(error).strip()
+    if "\nOriginal Traceback" in text:
+        last = text.splitlines()[-1]
+        _, sep, message = last.partition(": ")
+        text = message if sep else last
+    return " ".join(text.split())
+
+
+def run_main(main: Callable[[Any], Any], args: Any) -> Any:
+    """``main(args)``, with an ``InputError`` (raised here, or in a DataLoader worker) turned into one line on stderr
+    and exit status 1: what each script's ``if __name__ == "__main__":`` calls. Bugs keep their traceback.
+
+    Under torchrun the line says which rank met the error; its exit makes torchrun stop the other ranks at once,
+    instead of leaving them at their next collective until ``--dist-timeout``.
+    """
+    try:
+        return main(args)
+    except InputError as error:
+        message = input_error_message(error)
+        if os.environ.get("RANK") is not None and os.environ.get("WORLD_SIZE", "1") != "1":
+            message = f"rank {os.environ['RANK']}: {message}"
+        raise SystemExit(message) from None
 
 
 # --------------------------------------------------------------------------------------------- distributed
@@ -252,6 +324,7 @@ def seed_everything(seed: int, *, rank: int = 0, deterministic: bool = False) ->
 # Domain tags keep the seed streams for permutations and for samples apart even when the numbers coincide.
 _PERMUTATION_STREAM = 0x5EED0001
 _SAMPLE_STREAM = 0x5EED0002
+_REPLACEMENT_STREAM = 0x5EED0003
 
 
 def _mix_seed(*values: int) -> int:
@@ -351,12 +424,38 @@ class StepBatchSampler(torch.utils.data.Sampler):
                 yield [SampleKey(step, index) for index in indices[start : start + self.batch_size]]
 
 
+MAX_SAMPLE_PROBES = 64
+"""Replacements ``StepSeededDataset`` tries for one bad sample before it gives up: with 1% of the images bad, 64 bad
+draws in a row happen once in 10^128."""
+
+
+class SkippedSample(NamedTuple):
+    """A sample ``StepSeededDataset`` skipped: ``name`` (its file) and ``reason`` (``BadSampleError``'s)."""
+
+    name: str
+    reason: str
+
+
+class SampleWithSkipped(NamedTuple):
+    """What ``StepSeededDataset`` returns for a key whose own sample was bad: the replacement and what it skipped."""
+
+    sample: Any
+    skipped: tuple[SkippedSample, ...]
+
+
 class StepSeededDataset(torch.utils.data.Dataset):
     """``dataset[SampleKey(step, index)] = transform(base[index], generator=sample_generator(seed, step, index))``.
 
     The transform draws all its randomness from ``generator``; the same sample at the same step is then
     augmented the same way in any process, worker or resumed run. A sample drawn twice within one step (only
     when the dataset is smaller than the global batch) gets the same augmentation both times.
+
+    A sample that raises ``BadSampleError`` (reading it, or in the transform) is replaced by the first good one of a
+    probe sequence of indices drawn from a generator seeded by (seed, step, index), transformed with the key's own
+    generator: the replacement depends only on the key and the files, so every worker, rank and resumed run makes
+    the same one, and no state is kept about which files were bad. The result is then a ``SampleWithSkipped``,
+    which ``make_loader``'s collate unwraps and reports; after ``MAX_SAMPLE_PROBES`` bad draws in a row it raises
+    ``TooManyBadSamplesError``.
     """
 
     def __init__(self, base: torch.utils.data.Dataset, *, transform: Callable[..., Any], seed: int) -> None:
@@ -372,7 +471,62 @@ class StepSeededDataset(torch.utils.data.Dataset):
                 "build the DataLoader with batch_sampler=StepBatchSampler(...)"
             )
         step, index = key
-        return self.transform(self.base[index], generator=sample_generator(self.seed, step, index))
+        skipped: list[SkippedSample] = []
+        probes: torch.Generator | None = None
+        candidate = index
+        while len(skipped) <= MAX_SAMPLE_PROBES:
+            try:
+                sample = self.transform(self.base[candidate], generator=sample_generator(self.seed, step, index))
+            except BadSampleError as error:
+                skipped.append(SkippedSample(error.name or f"sample {candidate}", error.reason))
+                if probes is None:
+                    probes = torch.Generator().manual_seed(_mix_seed(_REPLACEMENT_STREAM, self.seed, step, index))
+                candidate = int(torch.randint(len(self.base), (), generator=probes))
+                continue
+            return SampleWithSkipped(sample, tuple(skipped)) if skipped else sample
+        raise TooManyBadSamplesError(
+            f"{len(skipped)} samples in a row cannot be used (e.g. {skipped[0].name}: {skipped[0].reason}); most of "
+            "the dataset is bad: check the files"
+        )
+
+
+class _ReportedBatch(NamedTuple):
+    batch: Any
+    skipped: tuple[SkippedSample, ...]
+
+
+def _collate_reporting(samples: list[Any], *, collate_fn: Callable[[list[Any]], Any]) -> Any:
+    # Runs in the loader's workers: the skipped samples travel to the main process with their batch.
+    skipped: list[SkippedSample] = []
+    plain = []
+    for sample in samples:
+        if isinstance(sample, SampleWithSkipped):
+            skipped += sample.skipped
+            sample = sample.sample
+        plain.append(sample)
+    batch = collate_fn(plain)
+    return _ReportedBatch(batch, tuple(skipped)) if skipped else batch
+
+
+class ReportingLoader(torch.utils.data.DataLoader):
+    """``make_loader``'s DataLoader: it yields the batches as its ``collate_fn`` makes them, and keeps the samples
+    ``StepSeededDataset`` skipped for them, in the order their batches were yielded, for ``take_skipped``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._skipped: list[SkippedSample] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            if isinstance(batch, _ReportedBatch):
+                self._skipped += batch.skipped
+                batch = batch.batch
+            yield batch
+
+    def take_skipped(self) -> list[SkippedSample]:
+        """The samples skipped for the batches yielded since the last call (this process's only)."""
+        taken, self._skipped = self._skipped, []
+        return taken
 
 
 def make_loader(
@@ -383,20 +537,110 @@ def make_loader(
     seed: int,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     pin_memory: bool = False,
-) -> torch.utils.data.DataLoader:
-    """A DataLoader over ``batch_sampler`` whose worker seeds come from its own generator (rule 4 above)."""
+) -> ReportingLoader:
+    """A DataLoader over ``batch_sampler`` whose worker seeds come from its own generator (rule 4 above); the samples
+    a ``StepSeededDataset`` skipped come back with their batch (``ReportingLoader.take_skipped``)."""
     if num_workers < 0:
         raise ValueError(f"num_workers {num_workers} is negative; pass --num-workers >= 0")
-    return torch.utils.data.DataLoader(
+    return ReportingLoader(
         dataset,
         batch_sampler=batch_sampler,
         num_workers=num_workers,
-        collate_fn=collate_fn,
+        collate_fn=functools.partial(_collate_reporting, collate_fn=collate_fn or torch.utils.data.default_collate),
         pin_memory=pin_memory,
         # Without it, iter(loader) draws the workers' base seed from the global torch RNG, so a resumed run
         # (which creates its iterator after restoring that RNG) would diverge from an uninterrupted one.
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+class BadSampleTracker:
+    """The distinct bad samples a run has skipped (``ReportingLoader.take_skipped``), the same on every rank, and
+    the stop once more than ``max_fraction`` of the ``dataset_size`` samples are bad (``--max-bad-image-fraction``).
+
+    ``update`` (a collective, once per step) gathers every rank's skips of the step; rank 0 prints each new one on
+    stderr. ``TrainLogger(bad_samples=...)`` writes the count and the samples found since the previous row into each
+    log.jsonl row (``bad_images``, ``new_bad_images``); ``state_dict`` goes into the checkpoint, so a resumed run
+    reports the same; ``summary()`` is for eval.json and model cards.
+    """
+
+    def __init__(
+        self, *, dataset_size: int, max_fraction: float, dist_info: DistInfo, source: str = "the training set"
+    ) -> None:
+        if not 0 <= max_fraction <= 1:
+            raise ValueError(f"--max-bad-image-fraction {max_fraction} must be in [0, 1], e.g. 0.01")
+        self.dataset_size, self.max_fraction, self.dist_info, self.source = (
+            dataset_size,
+            max_fraction,
+            dist_info,
+            source,
+        )
+        self.found: dict[str, str] = {}  # name -> reason, in the order found
+        self._unlogged = 0  # the last ones of ``found`` that no log.jsonl row has named yet
+
+    def update(self, skipped: Iterable[SkippedSample], *, step: int) -> list[SkippedSample]:
+        """Add the samples every rank skipped at ``step`` (collective); return the new ones. Raises
+        ``TooManyBadSamplesError`` on every rank once more than ``max_fraction`` of the dataset is bad."""
+        met = list(skipped)
+        if self.dist_info.distributed:
+            count = torch.tensor([len(met)], dtype=torch.int64, device=self.dist_info.device)
+            dist.all_reduce(count)
+            if int(count.item()):  # names are gathered only at a step where some rank skipped a sample
+                parts: list[Any] = [None] * self.dist_info.world_size
+                dist.all_gather_object(parts, met)
+                met = [SkippedSample(*sample) for part in parts for sample in part]
+        new = []
+        for sample in met:
+            if sample.name not in self.found:
+                self.found[sample.name] = sample.reason
+                new.append(sample)
+        self._unlogged += len(new)
+        if self.dist_info.is_main:
+            for sample in new:
+                print(
+                    f"step {step}: skipped bad image {sample.name} ({sample.reason}); {len(self.found)} of "
+                    f"{self.dataset_size} so far, limit {self.max_fraction:g} of them",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        if len(self.found) > self.max_fraction * self.dataset_size:
+            name, reason = next(iter(self.found.items()))
+            others = list(self.found)[1:6]
+            also = f"; also {', '.join(others)}{', ...' if len(self.found) > 6 else ''}" if others else ""
+            raise TooManyBadSamplesError(
+                f"{len(self.found)} of the {self.dataset_size} images of {self.source} cannot be used "
+                f"({len(self.found) / self.dataset_size:.2%}, above --max-bad-image-fraction {self.max_fraction:g}) "
+                f"at step {step}: {name}: {reason}{also}; replace or remove them, or raise the limit and continue "
+                "with --resume auto"
+            )
+        return new
+
+    def row_fields(self) -> dict[str, Any]:
+        """log.jsonl fields: the count so far and the samples found since the previous row (then marked logged)."""
+        fields: dict[str, Any] = {"bad_images": len(self.found)}
+        if self._unlogged:
+            names = list(self.found)[len(self.found) - self._unlogged :]
+            fields["new_bad_images"] = [{"file": name, "reason": self.found[name]} for name in names]
+            self._unlogged = 0
+        return fields
+
+    def summary(self) -> dict[str, Any]:
+        """For eval.json and model cards: the count, the limit, and every skipped sample with its reason."""
+        return {
+            "count": len(self.found),
+            "of": self.dataset_size,
+            "max_fraction": self.max_fraction,
+            "images": [{"file": name, "reason": reason} for name, reason in self.found.items()],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"found": [[name, reason] for name, reason in self.found.items()], "unlogged": self._unlogged}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Restore ``state_dict()`` (None: a checkpoint from before bad samples were tracked: nothing found)."""
+        state = state or {"found": [], "unlogged": 0}
+        self.found = {str(name): str(reason) for name, reason in state["found"]}
+        self._unlogged = int(state["unlogged"])
 
 
 # -------------------------------------------------------------------------------------------------- AMP
@@ -548,6 +792,7 @@ def train_step(
     amp: str = "off",
     max_grad_norm: float | None = None,
     checkpoint_path: str | Path | None = None,
+    count_flops: bool = False,
 ) -> dict[str, float]:
     """One optimizer step over ``accum_steps`` micro-batches taken from ``batches``.
 
@@ -558,12 +803,20 @@ def train_step(
     averaged over micro-steps and ranks; if any is NaN/inf on any rank, every rank raises NonFiniteLossError
     before the optimizer step, so the weights stay good and no checkpoint is written after it.
 
-    Returns ``{"loss": total, "loss_<name>": ..., "grad_norm": ...}`` as floats, equal on every rank.
+    With ``count_flops``, the forward and backward passes run under ``torch.utils.flop_counter.FlopCounterMode``
+    and ``"flops"`` is the step's floating-point operations summed over micro-steps and ranks (what that counter
+    counts: convolutions, matrix products and attention, forward and backward, the bulk of a CNN's work; custom
+    kernels such as RoIAlign and NMS are not counted). The unit of the study's compute budget
+    (experiments/study.py); it slows a step by a few percent, so it is off by default.
+
+    Returns ``{"loss": total, "loss_<name>": ..., "grad_norm": ...}`` (and ``"flops"``) as floats, equal on every rank.
     """
     if accum_steps < 1:
         raise ValueError(f"accum_steps {accum_steps} must be >= 1")
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = {}
+    flop_counter = FlopCounterMode(display=False) if count_flops else None
+    flops = 0  # the counter restarts at each entry: summed over micro-steps here
     for micro_step in range(accum_steps):
         try:
             batch = next(batches)
@@ -573,11 +826,13 @@ def train_step(
             ) from None
         last = micro_step == accum_steps - 1
         sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
-        with sync:
+        with sync, flop_counter or contextlib.nullcontext():
             with autocast(dist_info.device, amp=amp):
                 terms = _named_terms(compute_losses(batch))
             total = sum(terms.values())
             scaler.scale(total / accum_steps).backward()
+        if flop_counter is not None:
+            flops += flop_counter.get_total_flops()
         for name, value in {"loss": total, **terms}.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float() / accum_steps
 
@@ -585,7 +840,10 @@ def train_step(
     parameters = [p for p in model.parameters() if p.grad is not None]
     # With max_norm=inf the clip coefficient clamps to exactly 1.0: the norm is measured, the grads unchanged.
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm is not None else math.inf)
-    stats = all_reduce_mean({**sums, "grad_norm": grad_norm}, dist_info)
+    counted = {} if flop_counter is None else {"flops": float(flops)}
+    stats = all_reduce_mean({**sums, "grad_norm": grad_norm, **counted}, dist_info)
+    if counted:
+        stats["flops"] *= dist_info.world_size  # the mean over ranks back to the job's total
 
     # Name the loss terms that went bad (the total follows them); only when every loss is finite can the
     # gradient norm be the culprit. An fp16 GradScaler expects inf gradients now and then and skips them itself.
@@ -884,7 +1142,8 @@ class TrainLogger:
 
     The bar shows when stderr is a terminal; otherwise (batch jobs) each log row is also printed as one line,
     and ``quiet=True`` silences both. On construction, rows with ``step >= start_step`` are dropped from an
-    existing log.jsonl, so a resumed run appends each step exactly once.
+    existing log.jsonl, so a resumed run appends each step exactly once. With ``bad_samples``, each row also holds
+    its ``row_fields()``.
     """
 
     def __init__(
@@ -897,12 +1156,14 @@ class TrainLogger:
         log_every: int,
         is_main: bool,
         quiet: bool = False,
+        bad_samples: BadSampleTracker | None = None,
     ) -> None:
         if log_every < 1:
             raise ValueError(f"log_every {log_every} must be >= 1; pass --log-every 1 or more")
         self.path = Path(output_dir) / LOG_NAME
         self.total_steps, self.samples_per_step, self.log_every = total_steps, samples_per_step, log_every
         self.enabled = is_main
+        self.bad_samples = bad_samples
         if is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._elapsed_before = _truncate_log(self.path, start_step) if is_main else 0.0
@@ -931,7 +1192,8 @@ class TrainLogger:
         if (step + 1) % self.log_every != 0 and step + 1 != self.total_steps:
             return
         elapsed = self._elapsed_before + now - self._start
-        row = {"step": step, "lr": lr, **stats, "samples_per_s": window_rate, "elapsed_s": elapsed, **extra}
+        row = {"step": step, "lr": lr, **stats, "samples_per_s": window_rate, "elapsed_s": elapsed}
+        row.update(self.bad_samples.row_fields() if self.bad_samples is not None else {}, **extra)
         _append_line(self.path, json.dumps({key: _finite_or_none(value) for key, value in row.items()}))
         if self._print_rows:
             steps_left = self.total_steps - step - 1

@@ -87,6 +87,7 @@ def damaged_coco(coco128, tmp_path_factory):
 def test_bad_images_are_skipped_counted_and_reported_and_training_runs(damaged_coco, tmp_path):
     image_dir, ann_file, expected = damaged_coco
     flags = ["--train-images", str(image_dir), "--train-ann", str(ann_file), "--shard-size", "8"]
+    flags += ["--max-bad-image-fraction", "0.1"]  # 4 of 49 bad: above the default 1%
     flags += ["--model", "test_resnet", "--template", "tiny96", "--device", "cpu", "--num-workers", "0", "--quiet"]
     flags += ["--iters", "2", "--warmup-iters", "1", "--batch-size", "4", "--erf-images", "1", "--log-every", "1"]
     export = train_jigsaw.main(train_jigsaw.get_args_parser().parse_args([*flags, "--output-dir", str(tmp_path)]))

@@ -118,6 +118,10 @@ def test_coco_records_read_the_real_annotations(coco, coco128):
 )
 def test_coco_reader_cleans_boxes_as_the_coco_dataset_does(tmp_path, bbox, kept, counted):
     # One policy with CocoDataset (detpretrain.data.coco): clip what overlaps the image, drop the rest, count both.
+    if not kept:  # nothing left to cut a positive from: refused, with the count that led there (issue 13)
+        with pytest.raises(ValueError, match=rf"has no box to train on after cleaning: .* 1 dropped .*{counted}"):
+            coco_image_records(write_coco(tmp_path, bbox=bbox), tmp_path)
+        return
     coco = coco_image_records(write_coco(tmp_path, bbox=bbox), tmp_path)
     (record,) = coco.records
     assert record.gt_boxes.tolist() == kept and record.gt_labels.tolist() == [1] * len(kept)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from detpretrain.data.detection import Category, DatasetError, DetectionDataset, ImageEntry, clean_boxes, read_json
+from detpretrain.data.image_lists import add_detail
 
 __all__ = ["CocoDataset", "parse_coco_json"]
 
@@ -77,6 +78,7 @@ class CocoDataset(DetectionDataset):
                 raise DatasetError(f"{ann_file}: image {image['id']} has no 'file_name'; add it")
             return [image_dir / file_name]
 
+        details: dict[str, list[str]] = {}
         entries, categories, report = parse_coco_json(
             read_json(ann_file, what="annotation file"),
             ann_file=ann_file,
@@ -84,6 +86,7 @@ class CocoDataset(DetectionDataset):
             image_paths=candidates,
             with_masks=with_masks,
             include_crowd=include_crowd,
+            details=details,
         )
         self.ann_file, self.image_dir = ann_file, image_dir
         super().__init__(
@@ -93,6 +96,7 @@ class CocoDataset(DetectionDataset):
             cleaning_report=report,
             source={"ann_file": str(ann_file), "image_dir": str(image_dir)},
         )
+        self.cleaning_details = details
 
 
 def _require(condition: bool, message: str) -> None:
@@ -113,12 +117,14 @@ def parse_coco_json(
     with_masks: bool,
     include_crowd: bool,
     image_extra: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    details: dict[str, list[str]] | None = None,
 ) -> tuple[list[ImageEntry], list[Category], dict[str, int]]:
     """Validate a parsed COCO-format json (COCO or LVIS) and build the dataset's entries.
 
     ``image_paths(image)`` gives the candidate files of an image entry, the first existing one is used;
     ``image_extra(image)`` the per-image metadata to keep (LVIS's federated lists). Returns the entries, the
-    categories (labels 1..C by sorted id) and the cleaning report (module docstring).
+    categories (labels 1..C by sorted id) and the cleaning report (module docstring); ``details`` (when given)
+    receives the first annotations of each box-cleaning count, by file (``python -m detpretrain.data inspect``).
     """
     where = str(ann_file)
     _require(isinstance(data, dict), f"{where} is not a COCO-format file: the top level is not a json object")
@@ -148,13 +154,19 @@ def parse_coco_json(
     images: dict[int, dict[str, Any]] = {}
     paths: dict[int, Path] = {}
     missing: list[Path] = []
-    for image in data["images"]:
+    position: dict[int, int] = {}
+    for i, image in enumerate(data["images"]):
         _require(
             isinstance(image, dict) and isinstance(image.get("id"), int) and image["id"] >= 0,
             f"{where}: image entry {_short(image)} needs a non-negative integer 'id'",
         )
         image_id = image["id"]
-        _require(image_id not in images, f"{where}: image id {image_id} is listed twice; remove the duplicate")
+        _require(
+            image_id not in images,
+            f"image id {image_id} is listed twice (images[{position.get(image_id)}] and images[{i}]) in {where}; "
+            "give each image its own id, or remove the duplicate",
+        )
+        position[image_id] = i
         for key in ("width", "height"):
             _require(
                 isinstance(image.get(key), int) and image[key] > 0,
@@ -212,9 +224,15 @@ def parse_coco_json(
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
         boxes, outcome = clean_boxes(xyxy, width=width, height=height)
-        report["dropped_nonpositive_size"] += int(outcome["nonpositive"].sum())
-        report["dropped_outside_image"] += int(outcome["outside"].sum())
-        report["clipped_to_image"] += int(outcome["clipped"].sum())
+        for key, mask in (
+            ("dropped_nonpositive_size", outcome["nonpositive"]),
+            ("dropped_outside_image", outcome["outside"]),
+            ("clipped_to_image", outcome["clipped"]),
+        ):
+            report[key] += int(mask.sum())
+            for k in np.flatnonzero(mask):
+                text = f"{where}: annotation {anns[k].get('id')} of {paths[image_id]}, bbox {anns[k]['bbox']}"
+                add_detail(details, key, text)
         keep = outcome["keep"]
         segmentations = None
         if with_masks:
@@ -229,6 +247,8 @@ def parse_coco_json(
         kept = [a for a, k in zip(anns, keep, strict=True) if k]
         report["kept"] += len(kept)
         report["images_without_annotations"] += not kept
+        if not kept:
+            add_detail(details, "images_without_annotations", str(paths[image_id]))
         entries.append(
             ImageEntry(
                 image_id=image_id,

@@ -18,13 +18,18 @@ for the script's log) and ``describe()`` (a JSON-able record of what was loaded,
 
 Validation happens once, at load time, and is cheap: the annotation file parses (a malformed file fails with the
 file and the parser's position), every annotation names a listed image and a known category, every image file
-exists. Fixable boxes are fixed and counted: a box that sticks out of the image but overlaps it is clipped; a box of
-non-positive size or entirely outside the image is dropped. Images without annotations are kept by the readers (an
-evaluation set needs them); ``drop_images_without_annotations()`` leaves them out of a training set, as detectron2
-(DATALOADER.FILTER_EMPTY_ANNOTATIONS, on by default: images without a non-crowd annotation) and torchvision's
-references (``_coco_remove_images_without_annotations``) both do. Pixels are decoded only in ``__getitem__``; an
-undecodable or truncated file fails there, naming the file (``verify_images()`` decodes them all up front, when a
-run should fail early instead).
+exists, and no image id is listed twice. Fixable boxes are fixed and counted: a box that sticks out of the image but
+overlaps it is clipped; a box of non-positive size or entirely outside the image is dropped. Images without
+annotations are kept by the readers (an evaluation set needs them); ``drop_images_without_annotations()`` leaves them
+out of a training set, as detectron2 (DATALOADER.FILTER_EMPTY_ANNOTATIONS, on by default: images without a non-crowd
+annotation) and torchvision's references (``_coco_remove_images_without_annotations``) both do.
+``check_has_boxes()`` refuses a set left with no box to train on or to score against, with the counts that led there.
+
+Pixels are decoded only in ``__getitem__``. An undecodable, truncated, empty or vanished file, or one of another size
+than its annotation says, raises ``BadImageError`` (an ``engine.BadSampleError``) naming the file: in training,
+``engine.StepSeededDataset`` replaces such an image and the run reports it (``engine.BadSampleTracker``), up to
+``--max-bad-image-fraction`` of the dataset; ``verify_images()`` decodes them all up front, when a run should fail
+early instead.
 
 Batches grouped by aspect ratio. Both references fill each batch with images of one orientation, so that padding
 to the largest image of the batch wastes little: detectron2's ``AspectRatioGroupedDataset`` with two groups
@@ -60,15 +65,18 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
-from detpretrain.engine import SampleKey, StepBatchSampler
+from detpretrain.engine import BadSampleError, InputError, SampleKey, StepBatchSampler
 
 __all__ = [
     "ASPECT_RATIO_GROUPS",
+    "BadImageError",
     "Category",
     "DatasetError",
     "DetectionDataset",
     "GroupedBatchSampler",
     "ImageEntry",
+    "box_counts",
+    "check_has_boxes",
     "clean_boxes",
     "collate_detection",
     "decode_masks",
@@ -87,8 +95,12 @@ ASPECT_RATIO_GROUPS = ("width > height", "width <= height")
 _UNIFORM_STREAM = 0x47525031
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError, ValueError):
     """A dataset file that cannot be used as it is; the message names the file and what to do."""
+
+
+class BadImageError(DatasetError, BadSampleError):
+    """One image file that cannot be used (``load_image``); training skips it (``engine.StepSeededDataset``)."""
 
 
 @dataclass(frozen=True)
@@ -160,24 +172,36 @@ def load_image(path: str | Path, *, expected_size: tuple[int, int] | None = None
     """Decode an image file into a uint8 (3, H, W) RGB tv_tensors.Image.
 
     ``expected_size`` is (height, width) as the annotations give it; a file of another size fails, because its boxes
-    would be wrong. An undecodable or truncated file fails with the file's name.
+    would be wrong. A missing, empty, undecodable or truncated file fails too: each raises ``BadImageError`` with the
+    file's name and a short reason.
     """
     try:
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))
     except FileNotFoundError as error:
-        raise DatasetError(f"image {path} does not exist (it was there when the dataset was loaded)") from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        # PIL raises UnidentifiedImageError for non-images, OSError "image file is truncated" for cut files and
-        # SyntaxError / ValueError for some broken headers.
-        raise DatasetError(
-            f"image {path} is unreadable or truncated ({error}): re-download it or remove it from the annotations"
+        raise BadImageError(
+            f"image {path} does not exist (it was there when the dataset was loaded)",
+            name=str(path),
+            reason="missing: the file is gone",
+        ) from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        # PIL raises UnidentifiedImageError for non-images and empty files, OSError "image file is truncated" for cut
+        # files and SyntaxError / ValueError for some broken headers.
+        empty = Path(path).is_file() and Path(path).stat().st_size == 0
+        reason = "empty file (0 bytes)" if empty else f"undecodable: {error}"
+        raise BadImageError(
+            f"image {path} is unreadable or truncated ({reason}): re-download it or remove it from the annotations",
+            name=str(path),
+            reason=reason,
         ) from error
     height, width = pixels.shape[:2]
     if expected_size is not None and (height, width) != tuple(expected_size):
-        raise DatasetError(
+        raise BadImageError(
             f"image {path} is {width}x{height} but the annotations say {expected_size[1]}x{expected_size[0]}; "
-            "the file or its annotation entry is wrong: fix the entry's width/height or replace the file"
+            "the file or its annotation entry is wrong: fix the entry's width/height or replace the file",
+            name=str(path),
+            reason=f"size mismatch: the file is {width}x{height}, the annotations say "
+            f"{expected_size[1]}x{expected_size[0]}",
         )
     return tv_tensors.Image(torch.from_numpy(pixels.copy()).permute(2, 0, 1))
 
@@ -263,6 +287,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         self._image_ids = np.array([e.image_id for e in entries], dtype=np.int64)
         self._sizes = np.array([(e.width, e.height) for e in entries], dtype=np.int64)  # (N, 2)
         self._num_boxes = np.array([len(e.boxes) for e in entries], dtype=np.int64)
+        self._num_flagged = np.array([int(np.count_nonzero(e.flags)) for e in entries], dtype=np.int64)
         self.images_without_annotations_dropped = 0
         self.categories = tuple(categories)
         self.with_masks = with_masks
@@ -371,6 +396,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         selected._image_ids = self._image_ids[indices]
         selected._sizes = self._sizes[indices]
         selected._num_boxes = self._num_boxes[indices]
+        selected._num_flagged = self._num_flagged[indices]
         return selected
 
     def drop_images_without_annotations(self) -> DetectionDataset:
@@ -381,10 +407,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         if len(keep) == len(self):
             return self
         if len(keep) == 0:
-            raise DatasetError(
-                f"none of the {len(self)} images of {', '.join(map(str, self.source.values()))} has an annotation "
-                "to train on; check the file, or train with the images without annotations (--no-filter-empty-images)"
-            )
+            check_has_boxes(self, role="training")  # raises, with the counts that led there
         filtered = self._select(keep)
         filtered.images_without_annotations_dropped = self.images_without_annotations_dropped + len(self) - len(keep)
         return filtered
@@ -411,6 +434,46 @@ class DetectionDataset(torch.utils.data.Dataset):
             others = ", ".join(path for path, _ in bad[1:6]) + (", ..." if len(bad) > 6 else "")
             also = f"; also bad: {others}" if len(bad) > 1 else ""
             raise DatasetError(f"{len(bad)} of {len(self)} images cannot be used: {bad[0][1]}{also}")
+
+
+def box_counts(dataset: DetectionDataset) -> dict[str, int]:
+    """What became of ``dataset``'s annotations, from its ``cleaning_report`` and entries: ``usable`` boxes (kept, not
+    flagged), ``flagged`` (kept as crowd or difficult: ignore regions), ``excluded`` (crowd or difficult left out at
+    load, the report's ``*_excluded``), ``dropped`` (by cleaning, the report's ``dropped_*``), ``images``,
+    ``images_without_boxes`` and ``images_dropped`` (``drop_images_without_annotations``)."""
+    report = dataset.cleaning_report
+    flagged = int(dataset._num_flagged.sum())
+    return {
+        "images": len(dataset),
+        "annotations": int(report.get("annotations", int(dataset._num_boxes.sum()))),
+        "usable": int(dataset._num_boxes.sum()) - flagged,
+        "flagged": flagged,
+        "excluded": sum(int(v) for k, v in report.items() if k.endswith("_excluded")),
+        "dropped": sum(int(v) for k, v in report.items() if k.startswith("dropped_")),
+        "images_without_boxes": int((dataset._num_boxes == dataset._num_flagged).sum()),
+        "images_dropped": dataset.images_without_annotations_dropped,
+    }
+
+
+def check_has_boxes(dataset: DetectionDataset, *, role: str = "training") -> None:
+    """Refuse, before any training, a ``role`` ("training" or "evaluation") set with no usable box after cleaning
+    (every box a crowd region or difficult, dropped by cleaning, or no annotation at all): a training set would train
+    on nothing, an evaluation set would score nothing. One line naming the files and the counts that led there."""
+    if role not in ("training", "evaluation"):
+        raise ValueError(f"role {role!r} is not 'training' or 'evaluation'")
+    counts = box_counts(dataset)
+    if counts["usable"] > 0:
+        return
+    kind = "crowd" if dataset.flag_key == "iscrowd" else dataset.flag_key
+    dropped = {k: int(v) for k, v in dataset.cleaning_report.items() if k.startswith("dropped_") and v}
+    what = "no box to train on" if role == "training" else "no ground-truth box to score against"
+    raise DatasetError(
+        f"{', '.join(map(str, dataset.source.values()))} ({role} set) has {what} after cleaning: "
+        f"{counts['annotations']} annotations on {counts['images'] + counts['images_dropped']} images, of which "
+        f"{counts['excluded'] + counts['flagged']} {kind}, {counts['dropped']} dropped {json.dumps(dropped)}; "
+        f"{counts['images_without_boxes'] + counts['images_dropped']} images without a usable box; pass annotations "
+        f"with {'non-' + kind + ' ' if counts['excluded'] + counts['flagged'] else ''}boxes"
+    )
 
 
 # --------------------------------------------------------------------------------------- grouped batch order

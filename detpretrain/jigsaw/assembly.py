@@ -14,13 +14,14 @@ Glossary:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-from detpretrain.jigsaw.samples import JigsawSample, JigsawSamples
+from detpretrain.jigsaw.samples import JigsawSample, JigsawSamples, SampleDirError
 from detpretrain.jigsaw.template import GROUPS, JigsawTemplate, group_name
 
 __all__ = [
@@ -82,6 +83,7 @@ def assemble_jigsaw(
     scale_range: tuple[float, float] = (0.8, 1.5),
     flip_prob: float = 0.5,
     fit: str = "pad_crop",
+    borrowed_groups: Mapping[str, str] | None = None,
 ) -> JigsawImage:
     """Stitch 2 S-samples, 1 T-sample and 1 W-sample into one canvas (§3.2, Fig. 4; augmentation of §4.1).
 
@@ -102,6 +104,8 @@ def assemble_jigsaw(
     rounding changes). Scaling is torch's antialiased bilinear resize of the uint8 pixels. Randomness comes only from
     ``generator``: 16 uniforms per call (scale, flip, x offset, y offset per input). Returns the uint8 canvas;
     normalize with ``normalize_jigsaw_image`` after stitching (so padding becomes -mean/std, as in §4.1).
+    ``borrowed_groups`` ({empty group: lender}, ``JigsawSamples.borrow_empty_groups``) lets a region take a sample of
+    the group that stands in for its own.
     """
     if fit not in FIT_MODES:
         raise ValueError(f"unknown fit {fit!r}; choose one of {FIT_MODES}")
@@ -114,7 +118,7 @@ def assemble_jigsaw(
             )
         h, w = sample.image.shape[1:]
         actual = group_name(w, h)
-        if actual != group:
+        if actual != group and actual != (borrowed_groups or {}).get(group):
             raise ValueError(f"input {k} ({w}x{h}, width/height {w / h:.2f}) is group {actual}, expected {group}")
     draws = torch.rand((4, 4), generator=generator, dtype=torch.float64)
     low, high = scale_range
@@ -178,9 +182,9 @@ def sample_jigsaw(
     """
     for g in GROUPS:
         if len(samples.group_indices[g]) == 0:
-            raise ValueError(
+            raise SampleDirError(
                 f"{samples.path}: no group-{g} samples; Jigsaw assembly needs S, T and W samples (§3.2): "
-                "extract from more images"
+                "extract from more images, or pass --empty-group borrow"
             )
     picks = [
         samples.group_indices[g][torch.randint(len(samples.group_indices[g]), (1,), generator=generator)]
@@ -197,6 +201,7 @@ def sample_jigsaw(
         scale_range=scale_range,
         flip_prob=flip_prob,
         fit=fit,
+        borrowed_groups=samples.borrowed_groups,
     )
     return jigsaw, indices[jigsaw.input_index]
 

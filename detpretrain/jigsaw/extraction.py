@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from detpretrain.data.labelled_images import relative_to_common_folder
-from detpretrain.engine import DistInfo, atomic_write
+from detpretrain.engine import DistInfo, TooManyBadSamplesError, atomic_write
 from detpretrain.jigsaw.planning import SamplePlan, plan_samples
 from detpretrain.jigsaw.records import BACKGROUND_LABEL, ImageRecord
 from detpretrain.jigsaw.samples import (
@@ -357,6 +357,7 @@ def extract_samples(
     cleaning_report: dict[str, int] | None = None,
     dist_info: DistInfo = SINGLE_PROCESS,
     progress: bool = False,
+    max_bad_image_fraction: float | None = None,
 ) -> dict[str, int]:
     """Extract the positive and negative samples of a dataset (§3.1) into a sample directory; returns the statistics.
 
@@ -374,6 +375,9 @@ def extract_samples(
     ``skipped.jsonl``. Modes Pillow decodes (CMYK, grayscale, palette, 16-bit) are converted to RGB and used.
     Samples are stored at native resolution as JPEGs of ``jpeg_quality`` with 4:4:4 chroma (``encode_sample``: our
     choice, and what it costs; the paper stores "samples").
+    With ``max_bad_image_fraction`` (``--max-bad-image-fraction``), more skipped images than that share of
+    ``records`` raise ``engine.TooManyBadSamplesError`` on every rank once the directory is complete (a rerun with a
+    higher limit reuses it): one line with the count, the first images and where the list is.
     ``category_ids`` and ``cleaning_report`` (``DetectionRecords``'s) are recorded in the manifest as they are.
     A directory holding another extraction raises ``SampleDirError`` naming what differs.
     """
@@ -471,6 +475,15 @@ def extract_samples(
         _write_text_if_changed(directory / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")  # last: the end mark
     if dist_info.distributed:
         dist.barrier()  # every rank may open the directory once the manifest is there
+    if max_bad_image_fraction is not None and stats["skipped_images"] > max_bad_image_fraction * len(records):
+        bad = [(records[skip["image_index"]].file_name, skip["reason"]) for s in summaries for skip in s["skipped"]]
+        others = ", ".join(name for name, _ in bad[1:6]) + (", ..." if len(bad) > 6 else "")
+        raise TooManyBadSamplesError(
+            f"{len(bad)} of the {len(records)} images cannot be used ({len(bad) / len(records):.2%}, above "
+            f"--max-bad-image-fraction {max_bad_image_fraction:g}): {bad[0][0]}: {bad[0][1]}"
+            f"{'; also ' + others if others else ''}; all listed in {directory / SKIPPED_NAME}; replace or remove "
+            "them, or raise the limit (the extracted samples are reused)"
+        )
     return stats
 
 

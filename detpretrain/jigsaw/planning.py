@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from detpretrain.data.detection import DatasetError
 from detpretrain.jigsaw.records import BACKGROUND_LABEL, ImageRecord
 
 __all__ = ["SamplePlan", "plan_negative_samples", "plan_positive_samples", "plan_samples", "seeded_generator"]
@@ -156,7 +157,12 @@ def plan_samples(
     ]
     num_positives = sum(len(boxes) for boxes, _, _ in positives)
     if num_positives == 0:
-        raise ValueError("no positive samples: every box is a crowd region or smaller than min_sample_size")
+        num_boxes, num_crowd = sum(len(r.gt_boxes) for r in records), sum(int(r.gt_crowd.sum()) for r in records)
+        raise DatasetError(
+            f"no positive samples in {len(records)} images: of their {num_boxes} boxes {num_crowd} are crowd regions "
+            f"(never positive) and {sum(dropped for _, _, dropped in positives)} have a side under min_sample_size "
+            f"{min_sample_size} px once enlarged; pass annotations with non-crowd boxes, or a smaller --min-sample-size"
+        )
     size_pool = torch.cat([boxes[:, 2:] - boxes[:, :2] for boxes, _, _ in positives])
     num_negatives = round(num_positives / positives_per_negative)
 

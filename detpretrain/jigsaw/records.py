@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from detpretrain.data.coco import CocoDataset
-from detpretrain.data.detection import DetectionDataset
+from detpretrain.data.detection import DetectionDataset, check_has_boxes
 from detpretrain.data.voc import VocDataset
 
 __all__ = [
@@ -121,7 +121,10 @@ def voc_image_records(
 
 def dataset_records(dataset: DetectionDataset, *, category_ids: list[int] | None) -> DetectionRecords:
     """A fine-tuning dataset's entries as Jigsaw's records, with its labels, ``flags`` as ``gt_crowd`` (COCO's crowd,
-    VOC's difficult) and its cleaning report."""
+    VOC's difficult) and its cleaning report. A dataset without a single box that is neither crowd nor difficult has
+    nothing to cut a positive sample from: ``check_has_boxes`` refuses it (a ``DatasetError`` naming the file and the
+    counts), before any extraction."""
+    check_has_boxes(dataset, role="training")
     records = [
         ImageRecord(
             image_id=entry.image_id,

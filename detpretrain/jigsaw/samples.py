@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from detpretrain.engine import InputError
 from detpretrain.jigsaw.template import GROUPS, sample_group
 
 __all__ = [
@@ -68,7 +69,7 @@ INDEX_DTYPE = np.dtype(
 )
 
 
-class SampleDirError(ValueError):
+class SampleDirError(InputError, ValueError):
     """A sample directory that cannot be used as it is: unfinished, damaged, or made from other images or settings.
     The message names the directory, what is wrong and what to do."""
 
@@ -162,11 +163,38 @@ class JigsawSamples:
         self.sizes = self.boxes[:, 2:] - self.boxes[:, :2]  # (S, 2): width, height
         groups = sample_group(self.sizes[:, 0], self.sizes[:, 1])
         self.group_indices = {g: (groups == code).nonzero().flatten() for code, g in enumerate(GROUPS)}
+        self.borrowed_groups: dict[str, str] = {}  # empty group -> the group it draws from (borrow_empty_groups)
         _allow_open_files(len(self._shard_files), path=self.path)
         self._fds: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def empty_groups(self) -> list[str]:
+        return [g for g in GROUPS if len(self.group_indices[g]) == 0]
+
+    def borrow_empty_groups(self) -> dict[str, str]:
+        """Let a shape group without samples draw from the nearest group that has some; returns {empty: lender}.
+
+        Not the paper's: §3.2 fills each region from its own group, which a detection dataset of COCO's size always
+        has. A small one may have no tall sample at all (raccoon's 160 training images give none: its animals are
+        seldom twice as tall as wide). The nearest group in aspect ratio is S for T and W (then the other one), and
+        any non-empty group for S; the template's fit (pad & crop) then places the borrowed sample as it places any.
+        """
+        nearest = {"T": ("S", "W"), "W": ("S", "T"), "S": ("T", "W")}
+        for group in self.empty_groups():
+            lender = next((g for g in nearest[group] if len(self.group_indices[g]) > 0), None)
+            if lender is None:
+                raise SampleDirError(f"{self.path}: no sample in any shape group; extract from more images")
+            self.group_indices[group] = self.group_indices[lender]
+            self.borrowed_groups[group] = lender
+        return dict(self.borrowed_groups)
+
+    def skipped_images(self) -> list[dict]:
+        """The source images extraction skipped, as ``skipped.jsonl`` lists them: file_name, image_id, reason."""
+        path = self.path / SKIPPED_NAME
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return [json.loads(line) for line in lines if line.strip()]
 
     def encoded(self, i: int) -> Tensor:
         """Sample i as stored: its JPEG bytes, (length,) uint8."""

@@ -61,6 +61,7 @@ from torch import Tensor
 from torchvision.ops import clip_boxes_to_image, nms
 
 from detpretrain.data.labelled_images import LabelledSample
+from detpretrain.engine import BadSampleError
 from detpretrain.proposals import ProposalCache
 
 __all__ = [
@@ -386,7 +387,8 @@ class PreDetViews:
 
     ``sample`` is a ``LabelledSample`` or a ``ShardSample``; its queries come from the proposal cache computed for
     the same data, at ``proposals.locate(sample)`` (its row, or its tar shard and position, key checked), and each
-    decoded image must have the size recorded there.
+    decoded image must have the size recorded there: one that does not raises ``engine.BadSampleError`` (the file
+    changed after the cache was computed), which training skips and reports.
     """
 
     def __init__(self, proposals: ProposalCache, *, settings: ViewSettings | None = None) -> None:
@@ -397,9 +399,15 @@ class PreDetViews:
         shard, row = self.proposals.locate(sample)
         height, width = sample.image.shape[1:]
         if (width, height) != shard.image_size(row):
-            raise ValueError(
+            # The file changed after the cache was computed: its cached boxes belong to other pixels. A bad image for
+            # this run (engine.StepSeededDataset replaces and reports it), not a reason to stop a long one.
+            cached = "x".join(map(str, shard.image_size(row)))
+            raise BadSampleError(
                 f"image {shard.name(row)!r} decodes to {width}x{height}, but the proposal cache {shard.path} "
-                f"recorded {shard.image_size(row)}; the cache is stale: compute it again"
+                f"recorded {cached}; the file changed after the cache was computed: restore it, or compute the cache "
+                "again",
+                name=shard.name(row),
+                reason=f"size mismatch: the file is {width}x{height}, the proposal cache recorded {cached}",
             )
         views = two_views(sample.image, shard.boxes(row), generator=generator, settings=self.settings)
         return PreDetSample(views=views, labels=sample.labels, index=sample.index)
