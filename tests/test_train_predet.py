@@ -324,21 +324,12 @@ def test_missing_opencv_says_how_to_install(tmp_path, monkeypatch, coco128):
         run(tmp_path, *coco128_flags(coco128), "--iters", "2", "--warmup-iters", "1")
 
 
-def test_empty_label_set_names_the_image_and_the_flag(tmp_path, coco128):
+def test_images_without_labels_are_skipped_and_counted_by_default(coco128):
+    """Issue 12 item 3: a COCO json's images without annotations are left out and counted, not a bad row."""
     ann = str(coco128 / "annotations/instances_train2017.json")
-    with pytest.raises(SystemExit, match=r"empty label set.*--skip-bad-rows") as error:
-        run(
-            tmp_path,
-            "--train-images",
-            str(coco128 / "images"),
-            "--train-ann",
-            ann,
-            "--iters",
-            "2",
-            "--warmup-iters",
-            "1",
-        )
-    assert "image " in str(error.value) and ann in str(error.value)
+    args = train_predet.get_args_parser().parse_args(["--train-images", str(coco128 / "images"), "--train-ann", ann])
+    images = train_predet.read_labelled_images(args)
+    assert len(images) == 126 and images.skipped == {"image without labels": 2}
 
 
 @pytest.fixture()

@@ -1,5 +1,6 @@
-"""Datasets: COCO, LVIS and VOC detection datasets with their transforms, labelled-image lists for PreDet, and the
-embedded default dataset (``synthetic_coco``) every script uses when it is given no data flags.
+"""Datasets: COCO, LVIS, VOC (VOCdevkit or any folder of XML files) and YOLO detection datasets, the data flags the
+scripts share (``sources``) and ``python -m detpretrain.data inspect``, with their transforms, labelled-image lists
+for PreDet, and the embedded default dataset (``synthetic_coco``) every script uses when it is given no data flags.
 
 Submodules are imported on first use: ``python -m detpretrain.data.synthetic`` would otherwise find its module
 already imported by this package and warn (runpy's "found in sys.modules").
@@ -14,6 +15,10 @@ _EXPORTS = {
     "LvisDataset": "lvis",
     "RepeatFactorBatchSampler": "lvis",
     "VocDataset": "voc",
+    "VocFolderDataset": "voc",
+    "YoloDataset": "yolo",
+    "DataFlags": "sources",
+    "load_detection_data": "sources",
     "parse_image_sets": "voc",
     "DetectionDataset": "detection",
     "DatasetError": "detection",

@@ -7,6 +7,8 @@ Three sources give one form, ``LabelledImages``: the image paths, the label indi
 - ``from_label_file(images_dir, labels_file)``: a folder of images and a label file, JSONL or CSV (formats below).
 - ``from_class_folders(root)``: an ImageNet-style tree ``root/<class name>/<image>``, one label per image.
 - ``from_coco(ann_file, images_dir)``: image-level labels from a COCO or LVIS json; boxes are ignored.
+- ``from_detection_dataset(dataset)``: the classes present in each image of a detection dataset (VOC in any layout,
+  YOLO: ``detpretrain.data.sources``).
 
 ``read_labelled_images(images_dir, ann_file)`` picks among them as the scripts' --train-images/--train-ann do.
 
@@ -83,11 +85,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from detpretrain.engine import DistInfo
+from detpretrain.engine import BadSampleError, DistInfo, InputError
 from detpretrain.sharding import SINGLE_PROCESS, WorkerPool, gather_by_shard, progress_bar, rank_shards, shard_ranges
 
 __all__ = [
     "BAD_ROW_POLICIES",
+    "SKIP_HINT",
     "EMPTY_LABELS",
     "IMAGE_EXTENSIONS",
     "MALFORMED_ROW",
@@ -98,6 +101,7 @@ __all__ = [
     "STATUS_UNDECODABLE_IMAGE",
     "UNDECODABLE_IMAGE",
     "UNKNOWN_LABEL",
+    "UNLABELLED",
     "BadRowError",
     "ImageDecodeError",
     "LabelledImageDataset",
@@ -106,6 +110,7 @@ __all__ = [
     "drop_bad_rows",
     "from_class_folders",
     "from_coco",
+    "from_detection_dataset",
     "from_label_file",
     "image_status",
     "read_labelled_images",
@@ -116,10 +121,15 @@ __all__ = [
 ]
 
 BAD_ROW_POLICIES = ("error", "skip")
+# How a bad-row message says to skip bad rows: the API's argument by default; a script passes its flag
+# (``skip_hint="--skip-bad-rows"``), so that a message never names an argument its user cannot pass.
+SKIP_HINT = "on_bad_row='skip'"
 # Reasons a row is bad: the keys of LabelledImages.skipped.
 MISSING_FILE = "missing file"
 UNKNOWN_LABEL = "unknown label"
 EMPTY_LABELS = "empty label set"
+# A COCO/LVIS image without a (non-crowd) annotation, left out with ``skip_unlabelled=True``: not a bad row.
+UNLABELLED = "image without labels"
 MALFORMED_ROW = "malformed row"
 UNDECODABLE_IMAGE = "undecodable image"
 # Image status codes (image_status), one uint8 per row; the same codes as the proposal cache's status section.
@@ -139,12 +149,12 @@ _RELABEL_BLOCK_ROWS = 1 << 20
 _STATUS_CHUNK_ROWS = 4096
 
 
-class BadRowError(ValueError):
+class BadRowError(InputError, ValueError):
     """A bad row under ``on_bad_row="error"``; the message names the row, the problem and what to do."""
 
 
-class ImageDecodeError(ValueError):
-    """An image file that exists but does not decode."""
+class ImageDecodeError(BadSampleError, ValueError):
+    """An image file that exists but does not decode; in training, ``engine.StepSeededDataset`` replaces it."""
 
 
 # --------------------------------------------------------------------------------------------------------- decoding
@@ -164,8 +174,9 @@ def read_rgb(source: str | Path | bytes, *, name: str | None = None) -> np.ndarr
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         # SyntaxError and ValueError: some Pillow plugins report malformed headers with them.
         raise ImageDecodeError(
-            f"{name}: cannot decode the image ({type(error).__name__}: {error}); replace or delete the file, or "
-            "check the data with verify_images(..., on_bad_row='skip') to drop undecodable images"
+            f"{name}: cannot decode the image ({type(error).__name__}: {error}); replace or delete the file",
+            name=name,
+            reason=f"undecodable: {type(error).__name__}: {error}",
         ) from None
     return np.array(rgb)  # a writable copy: torch.from_numpy warns on read-only arrays
 
@@ -348,9 +359,9 @@ class _IndexBuilder:
     Each chunk becomes arrays at once, so the rows' Python objects never outlive their chunk.
     """
 
-    def __init__(self, *, source: str, on_bad_row: str) -> None:
+    def __init__(self, *, source: str, on_bad_row: str, skip_hint: str = SKIP_HINT) -> None:
         _check_policy(on_bad_row)
-        self.source, self.on_bad_row = source, on_bad_row
+        self.source, self.on_bad_row, self.skip_hint = source, on_bad_row, skip_hint
         self.skipped: Counter[str] = Counter()
         self._path_bytes = _GrowingArray(np.uint8)
         self._path_offsets = _GrowingArray(np.int64, [0])
@@ -361,7 +372,7 @@ class _IndexBuilder:
     def bad(self, reason: str, where: str, detail: str) -> None:
         if self.on_bad_row == "error":
             raise BadRowError(
-                f"{where}: {detail} ({reason}); fix the row, or pass on_bad_row='skip' to skip bad rows and count them"
+                f"{where}: {detail} ({reason}); fix the row, or pass {self.skip_hint} to skip bad rows and count them"
             )
         self.skipped[reason] += 1
 
@@ -554,6 +565,7 @@ def from_label_file(
     *,
     class_names: Sequence[str] | str | Path | None = None,
     on_bad_row: str = "error",
+    skip_hint: str = SKIP_HINT,
 ) -> LabelledImages:
     """Images under ``images_dir`` with labels from a JSONL or CSV file (formats in the module docstring).
 
@@ -571,7 +583,7 @@ def from_label_file(
     names = read_class_names(class_names) if fixed_classes else []
     # With no class list given, classes get provisional indices in order of first appearance; finish() sorts them.
     class_index = {name: i for i, name in enumerate(names)}
-    builder = _IndexBuilder(source=str(labels_file), on_bad_row=on_bad_row)
+    builder = _IndexBuilder(source=str(labels_file), on_bad_row=on_bad_row, skip_hint=skip_hint)
     chunks, read_row = (_jsonl_chunks, _jsonl_row) if suffix == ".jsonl" else (_csv_chunks, _csv_row)
     try:
         for rows, where in chunks(labels_file):
@@ -666,10 +678,18 @@ def _coco_relative_path(image: dict, has_folder: Callable[[str], bool]) -> str |
 
 
 @_without_cyclic_gc()
-def from_coco(ann_file: str | Path, images_dir: str | Path, *, on_bad_row: str = "error") -> LabelledImages:
+def from_coco(
+    ann_file: str | Path,
+    images_dir: str | Path,
+    *,
+    on_bad_row: str = "error",
+    skip_unlabelled: bool = False,
+    skip_hint: str = SKIP_HINT,
+) -> LabelledImages:
     """Image-level labels from a COCO or LVIS instances json: the set of categories of each image's non-crowd
     annotations (LVIS has no crowd). Classes are the json's categories in id order; label ``i`` is the ``i``-th
-    smallest category id. An image without annotations has an empty label set (a bad row: COCO train2017 has ~1%).
+    smallest category id. An image without annotations has an empty label set: a bad row (COCO train2017 has ~1%),
+    or with ``skip_unlabelled=True`` (train_predet.py's default) left out and counted in ``skipped[UNLABELLED]``.
     Rows are in the json's image order; the image files are not checked here (``image_status``)."""
     ann_file, images_dir = Path(ann_file), Path(images_dir)
     with open(ann_file, encoding="utf-8") as f:
@@ -678,7 +698,16 @@ def from_coco(ann_file: str | Path, images_dir: str | Path, *, on_bad_row: str =
         raise ValueError(f"{ann_file}: not a COCO/LVIS instances json (needs images, annotations, categories)")
     categories = sorted(data["categories"], key=lambda c: c["id"])
     label_of = {c["id"]: i for i, c in enumerate(categories)}
-    labels: dict[Any, set[int]] = {image["id"]: set() for image in data["images"]}
+    labels: dict[Any, set[int]] = {}
+    position: dict[Any, int] = {}
+    for i, image in enumerate(data["images"]):
+        if image["id"] in labels:  # checked first: a duplicate id is what makes annotations point nowhere
+            raise ValueError(
+                f"image id {image['id']} is listed twice (images[{position[image['id']]}] and images[{i}]) in "
+                f"{ann_file}; give each image its own id, or remove the duplicate"
+            )
+        labels[image["id"]] = set()
+        position[image["id"]] = i
     unknown: dict[Any, set[Any]] = {}
     for ann in data["annotations"]:
         if ann["image_id"] not in labels:
@@ -690,7 +719,7 @@ def from_coco(ann_file: str | Path, images_dir: str | Path, *, on_bad_row: str =
         else:
             unknown.setdefault(ann["image_id"], set()).add(ann["category_id"])
     has_folder = functools.cache(lambda name: (images_dir / name).is_dir())
-    builder = _IndexBuilder(source=str(ann_file), on_bad_row=on_bad_row)
+    builder = _IndexBuilder(source=str(ann_file), on_bad_row=on_bad_row, skip_hint=skip_hint)
     paths, values, counts = [], [], []
     for image in data["images"]:
         path = _coco_relative_path(image, has_folder)
@@ -699,6 +728,8 @@ def from_coco(ann_file: str | Path, images_dir: str | Path, *, on_bad_row: str =
         if image["id"] in unknown:
             detail = f"category ids {sorted(unknown[image['id']])} are not in categories"
             builder.bad(UNKNOWN_LABEL, f"{ann_file}: image {image['id']}", detail)
+        elif not labels[image["id"]] and skip_unlabelled:
+            builder.skipped[UNLABELLED] += 1
         elif not labels[image["id"]]:
             builder.bad(EMPTY_LABELS, f"{ann_file}: image {image['id']}", f"{images_dir / path} has no labels")
         else:
@@ -707,6 +738,30 @@ def from_coco(ann_file: str | Path, images_dir: str | Path, *, on_bad_row: str =
             counts.append(len(labels[image["id"]]))
     builder.add_chunk(paths, values, counts)
     return builder.finish(root=str(images_dir), class_names=[c["name"] for c in categories])
+
+
+def from_detection_dataset(dataset: Any) -> LabelledImages:
+    """Image-level labels of a detection dataset (``detpretrain.data``: VOC in any layout, YOLO, COCO): the set of
+    classes of each image's boxes after the dataset's cleaning. Classes are the dataset's, in its label order (label
+    ``i`` here is its label ``i + 1``: no background); images without a box are left out and counted in
+    ``skipped[UNLABELLED]``. Paths are relative to the folder that holds every image."""
+    paths, values, counts = [], [], []
+    unlabelled = 0
+    for entry in dataset.entries():
+        labels = sorted({int(label) - 1 for label in entry.labels})
+        if not labels:
+            unlabelled += 1
+            continue
+        paths.append(entry.path)
+        values += labels
+        counts.append(len(labels))
+    source = ", ".join(f"{key} {value}" for key, value in dataset.source.items() if key != "class_names")
+    builder = _IndexBuilder(source=f"{dataset.format} {source}", on_bad_row="error")
+    if unlabelled:
+        builder.skipped[UNLABELLED] += unlabelled
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
+    builder.add_chunk(relative_to_common_folder(paths), values, counts)
+    return builder.finish(root=root, class_names=dataset.class_names[1:])
 
 
 # ------------------------------------------------------------------------------------------------ one entry point
@@ -718,10 +773,13 @@ def read_labelled_images(
     *,
     class_names: Sequence[str] | str | Path | None = None,
     on_bad_row: str = "error",
+    skip_unlabelled: bool = False,
+    skip_hint: str = SKIP_HINT,
 ) -> LabelledImages:
     """The source the scripts' data flags name: a class-folder tree (``ann_file`` None), a COCO/LVIS json
-    (``.json``), else a JSONL or CSV label file (``from_label_file`` rejects other extensions). ``class_names``
-    applies to label files only."""
+    (``.json``; ``skip_unlabelled`` as ``from_coco``), else a JSONL or CSV label file (``from_label_file`` rejects
+    other extensions). ``class_names`` applies to label files only; ``skip_hint`` is what a bad-row message says to
+    pass to skip bad rows (a script's flag)."""
     suffix = None if ann_file is None else Path(ann_file).suffix.lower()
     if class_names is not None and suffix not in (".jsonl", ".csv"):
         raise ValueError(
@@ -730,8 +788,10 @@ def read_labelled_images(
     if suffix is None:
         return from_class_folders(images_dir)
     if suffix == ".json":
-        return from_coco(ann_file, images_dir, on_bad_row=on_bad_row)
-    return from_label_file(images_dir, ann_file, class_names=class_names, on_bad_row=on_bad_row)
+        return from_coco(
+            ann_file, images_dir, on_bad_row=on_bad_row, skip_unlabelled=skip_unlabelled, skip_hint=skip_hint
+        )
+    return from_label_file(images_dir, ann_file, class_names=class_names, on_bad_row=on_bad_row, skip_hint=skip_hint)
 
 
 # ---------------------------------------------------------------------------------------------- image file checks
@@ -786,11 +846,11 @@ def image_status(
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
 
 
-def _first_bad_row_message(images: LabelledImages, i: int, code: int) -> str:
+def _first_bad_row_message(images: LabelledImages, i: int, code: int, *, skip_hint: str) -> str:
     """A one-line BadRowError message for row ``i``; an undecodable image is decoded again for the decoder's own
     words (one image, on the error path only)."""
     path = images.path(i)
-    advice = "or pass on_bad_row='skip' to drop bad rows and count them"
+    advice = f"or pass {skip_hint} to drop bad rows and count them"
     if code == STATUS_UNDECODABLE_IMAGE:
         try:
             read_rgb(path)
@@ -800,7 +860,9 @@ def _first_bad_row_message(images: LabelledImages, i: int, code: int) -> str:
     return f"row {i}: {path}: image file not found ({MISSING_FILE}); check the image directory, {advice}"
 
 
-def drop_bad_rows(images: LabelledImages, status: np.ndarray, *, on_bad_row: str) -> LabelledImages:
+def drop_bad_rows(
+    images: LabelledImages, status: np.ndarray, *, on_bad_row: str, skip_hint: str = SKIP_HINT
+) -> LabelledImages:
     """Apply the bad-row policy to ``image_status``'s verdict: ``"error"`` raises BadRowError naming the first bad
     row; ``"skip"`` keeps the good rows and counts the others by reason in ``skipped``. No good row is an error."""
     _check_policy(on_bad_row)
@@ -816,7 +878,7 @@ def drop_bad_rows(images: LabelledImages, status: np.ndarray, *, on_bad_row: str
         return images
     if on_bad_row == "error":
         first = int(np.flatnonzero(status != STATUS_OK)[0])
-        raise BadRowError(_first_bad_row_message(images, first, int(status[first])))
+        raise BadRowError(_first_bad_row_message(images, first, int(status[first]), skip_hint=skip_hint))
     reasons = {STATUS_REASONS[code]: int(counts[code]) for code in (STATUS_MISSING_FILE, STATUS_UNDECODABLE_IMAGE)}
     if counts[STATUS_OK] == 0:
         raise ValueError(
@@ -832,13 +894,14 @@ def verify_images(
     num_workers: int = 0,
     progress: bool = False,
     dist_info: DistInfo = SINGLE_PROCESS,
+    skip_hint: str = SKIP_HINT,
 ) -> LabelledImages:
     """Decode every image once (split over the ranks of ``dist_info`` and ``num_workers`` processes each); a
     missing or undecodable one is a bad row under ``on_bad_row``. Run it once when building a dataset from web
     data, so that training never stops on a corrupt file."""
     _check_policy(on_bad_row)
     status = image_status(images, decode=True, num_workers=num_workers, dist_info=dist_info, progress=progress)
-    return drop_bad_rows(images, status, on_bad_row=on_bad_row)
+    return drop_bad_rows(images, status, on_bad_row=on_bad_row, skip_hint=skip_hint)
 
 
 # ----------------------------------------------------------------------------------------------------- the dataset

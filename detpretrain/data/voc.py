@@ -1,13 +1,20 @@
-"""PASCAL VOC datasets (``--format voc --voc-root VOCdevkit --train-sets 2007-trainval,2012-trainval``), the VOC
-class list and XML reader. Jigsaw reads VOC through this dataset too (``detpretrain.jigsaw.voc_image_records``).
+"""PASCAL VOC datasets: VOCdevkit image sets (``--format voc --voc-root VOCdevkit --train-sets
+2007-trainval,2012-trainval``) and any folder of VOC XML files (``--format voc --train-images DIR --train-ann XML_DIR``,
+``VocFolderDataset``), the VOC class list and XML reader. Jigsaw reads VOC through these datasets too
+(``detpretrain.jigsaw.voc_image_records``, ``detpretrain.jigsaw.dataset_records``).
 
-Layout: ``VOC_ROOT/VOC<year>/ImageSets/Main/<split>.txt`` lists image names, ``Annotations/<name>.xml`` holds their
-objects, ``JPEGImages/<name>.jpg`` their pixels (the image file is found by name, as detectron2 does, not by the
-XML's ``<filename>``). PreDet §4.2 trains on VOC2007 trainval + VOC2012 trainval and tests on VOC2007 test.
+VOCdevkit layout: ``VOC_ROOT/VOC<year>/ImageSets/Main/<split>.txt`` lists image names, ``Annotations/<name>.xml``
+holds their objects, ``JPEGImages/<name>.jpg`` their pixels (the image file is found by name, as detectron2 does, not
+by the XML's ``<filename>``). PreDet §4.2 trains on VOC2007 trainval + VOC2012 trainval and tests on VOC2007 test.
+
+Flat layout (labelImg, CVAT's and Roboflow's VOC exports): ``DIR/<rel>.<ext>`` and ``XML_DIR/<rel>.xml``, any file
+names, any classes (``class_names`` given, or collected sorted from the files), the images chosen by a split file or
+a seeded hold-out (``detpretrain.data.image_lists``, ``detpretrain.data.sources``). Everything below holds for both.
 
 Conventions, each as detectron2's VOC loader (PreDet's VOC numbers come from detectron2):
 
-- The 20 classes in the standard order (``VOC_CLASSES``); label i is ``VOC_CLASSES[i - 1]``.
+- VOCdevkit: the 20 classes in the standard order (``VOC_CLASSES``); label i is ``VOC_CLASSES[i - 1]``. A flat
+  layout: its own classes, label i is ``class_names[i - 1]``.
 - Coordinates: the XML's ``xmin ymin xmax ymax`` are 1-based inclusive pixel indices, so a box covering the whole
   image is (1, 1, W, H); in continuous 0-based xyxy it is (xmin - 1, ymin - 1, xmax, ymax) = (0, 0, W, H).
 - ``difficult`` objects are kept in the training targets by default (``include_difficult=True``): detectron2's
@@ -26,10 +33,12 @@ and counts bad boxes, as for COCO; the evaluator refuses an inverted box, since 
 object would change the recall it measures. Unreadable files raise ``DatasetError`` naming the file; the evaluator
 re-raises them as its own ``EvaluationInputError``.
 
-Image ids. The contract wants a unique non-negative int per image (it seeds per-image random streams in Jigsaw):
-``"2008_000123"`` (VOC2008+ names) becomes 2008000123 and ``"000123"`` (VOC2007 names, six digits) becomes
-2007000123, the year of its folder times 10**6 plus the number (``voc_image_id``). Any other name is an error:
-convert such a dataset to a COCO json. The VOC evaluator keys images by name: use ``target["image_name"]``.
+Image ids. The contract wants a unique non-negative int per image (it seeds per-image random streams in Jigsaw).
+VOCdevkit: ``"2008_000123"`` (VOC2008+ names) becomes 2008000123 and ``"000123"`` (VOC2007 names, six digits) becomes
+2007000123, the year of its folder times 10**6 plus the number (``voc_image_id``); any other name in a VOCdevkit is
+an error. A flat layout: the image's index in the sorted list of its folder's images (``ImageFolder``), shared by the
+train and val subsets of one folder. The VOC evaluator keys images by name: use ``target["image_name"]`` (a flat
+layout's name is the image's path relative to its folder, without extension).
 """
 
 from __future__ import annotations
@@ -46,16 +55,20 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from detpretrain.data.detection import Category, DatasetError, DetectionDataset, ImageEntry, clean_boxes
+from detpretrain.data.image_lists import ImageFolder, add_detail, image_size
 
 __all__ = [
     "VOC_CLASSES",
     "VOC_SPLITS",
     "VOC_YEARS",
     "VocDataset",
+    "VocFolderDataset",
     "VocImage",
     "VocObject",
     "parse_image_sets",
     "read_voc_annotation",
+    "voc_entry",
+    "voc_folder_images",
     "voc_image_id",
 ]
 
@@ -257,6 +270,7 @@ class VocDataset(DetectionDataset):
         categories = [Category(label=i + 1, id=name, name=name) for i, name in enumerate(class_names)]
         label_of = {name: i + 1 for i, name in enumerate(class_names)}
         report = dict.fromkeys(CLEANING_KEYS, 0)
+        details: dict[str, list[str]] = {}
         entries: list[ImageEntry] = []
         seen: dict[int, str] = {}
         missing: list[Path] = []
@@ -283,7 +297,7 @@ class VocDataset(DetectionDataset):
                 if width is None:
                     width, height = _image_size(image_path)
                 entries.append(
-                    self._entry(
+                    voc_entry(
                         annotation.objects,
                         image_id=image_id,
                         name=name,
@@ -292,7 +306,9 @@ class VocDataset(DetectionDataset):
                         width=width,
                         height=height,
                         label_of=label_of,
+                        include_difficult=include_difficult,
                         report=report,
+                        details=details,
                     )
                 )
         if missing:
@@ -307,56 +323,186 @@ class VocDataset(DetectionDataset):
             cleaning_report=report,
             source={"voc_root": str(voc_root), "image_sets": [f"{y}-{s}" for y, s in self.image_sets]},
         )
-
-    def _entry(
-        self,
-        objects: Sequence[VocObject],
-        *,
-        image_id: int,
-        name: str,
-        path: Path,
-        xml_path: Path,
-        width: int,
-        height: int,
-        label_of: dict[str, int],
-        report: dict[str, int],
-    ) -> ImageEntry:
-        report["images"] += 1
-        report["annotations"] += len(objects)
-        for obj in objects:
-            if obj.name not in label_of:
-                raise DatasetError(
-                    f"VOC annotation {xml_path}: class {obj.name!r} is not one of the {len(label_of)} classes "
-                    f"({', '.join(label_of)}); fix the file or pass class_names"
-                )
-        difficult = np.array([obj.difficult for obj in objects], dtype=bool)
-        report["difficult"] += int(difficult.sum())
-        if not self.include_difficult:
-            report["difficult_excluded"] += int(difficult.sum())
-            objects = [obj for obj in objects if not obj.difficult]
-            difficult = np.zeros(len(objects), dtype=bool)
-        # VocObject.box: the XML's 1-based inclusive pixel indices as 0-based continuous xyxy (module docstring).
-        xyxy = np.array([obj.box for obj in objects], dtype=np.float64).reshape(-1, 4)
-        boxes, outcome = clean_boxes(xyxy, width=width, height=height)
-        report["dropped_nonpositive_size"] += int(outcome["nonpositive"].sum())
-        report["dropped_outside_image"] += int(outcome["outside"].sum())
-        report["clipped_to_image"] += int(outcome["clipped"].sum())
-        keep = outcome["keep"]
-        report["kept"] += int(keep.sum())
-        report["images_without_annotations"] += not keep.any()
-        return ImageEntry(
-            image_id=image_id,
-            path=str(path),
-            name=name,
-            width=width,
-            height=height,
-            boxes=boxes[keep].astype(np.float32),
-            labels=np.array([label_of[obj.name] for obj in objects], dtype=np.int64).reshape(-1)[keep],
-            flags=difficult[keep],
-        )
+        self.cleaning_details = details
 
     def _target(self, entry: ImageEntry) -> dict[str, Any]:
         return {**super()._target(entry), "image_name": entry.name}
+
+
+def voc_entry(
+    objects: Sequence[VocObject],
+    *,
+    image_id: int,
+    name: str,
+    path: Path,
+    xml_path: Path,
+    width: int,
+    height: int,
+    label_of: dict[str, int],
+    include_difficult: bool,
+    report: dict[str, int],
+    details: dict[str, list[str]] | None = None,
+) -> ImageEntry:
+    """One image's entry from its XML objects: the class check, the difficult policy and the box cleaning of the
+    module docstring, counted in ``report`` (CLEANING_KEYS) and noted by file in ``details`` (``add_detail``)."""
+    report["images"] += 1
+    report["annotations"] += len(objects)
+    for obj in objects:
+        if obj.name not in label_of:
+            shown = ", ".join(list(label_of)[:10]) + (", ..." if len(label_of) > 10 else "")
+            raise DatasetError(
+                f"VOC annotation {xml_path}: class {obj.name!r} is not one of the {len(label_of)} classes ({shown}); "
+                "fix the file, or pass --class-names listing every class of the dataset"
+            )
+    difficult = np.array([obj.difficult for obj in objects], dtype=bool)
+    report["difficult"] += int(difficult.sum())
+    if not include_difficult:
+        report["difficult_excluded"] += int(difficult.sum())
+        objects = [obj for obj in objects if not obj.difficult]
+        difficult = np.zeros(len(objects), dtype=bool)
+    # VocObject.box: the XML's 1-based inclusive pixel indices as 0-based continuous xyxy (module docstring).
+    xyxy = np.array([obj.box for obj in objects], dtype=np.float64).reshape(-1, 4)
+    boxes, outcome = clean_boxes(xyxy, width=width, height=height)
+    for key, mask in (
+        ("dropped_nonpositive_size", outcome["nonpositive"]),
+        ("dropped_outside_image", outcome["outside"]),
+        ("clipped_to_image", outcome["clipped"]),
+    ):
+        report[key] += int(mask.sum())
+        for k in np.flatnonzero(mask):
+            add_detail(details, key, f"{xml_path}: object {k} ({objects[k].name}) {list(objects[k].bndbox)}")
+    keep = outcome["keep"]
+    report["kept"] += int(keep.sum())
+    if not keep.any():
+        report["images_without_annotations"] += 1
+        add_detail(details, "images_without_annotations", str(path))
+    return ImageEntry(
+        image_id=image_id,
+        path=str(path),
+        name=name,
+        width=width,
+        height=height,
+        boxes=boxes[keep].astype(np.float32),
+        labels=np.array([label_of[obj.name] for obj in objects], dtype=np.int64).reshape(-1)[keep],
+        flags=difficult[keep],
+    )
+
+
+class VocFolderDataset(DetectionDataset):
+    """Pascal-VOC XML files outside VOCdevkit (``--format voc --train-images DIR --train-ann XML_DIR``), as labelImg
+    and most annotation tools write them: image ``DIR/<rel>.<ext>`` has its objects in ``XML_DIR/<rel>.xml``
+    (``XML_DIR`` defaults to ``DIR``: the XML beside the image).
+
+    Args:
+        images: the image folder, or its ``ImageFolder`` (to share one listing between train and val).
+        annotations: the XML folder (default: ``images``).
+        relative_paths: the images to read, relative to ``images`` (``ImageFolder.select`` of a split file, or a
+            hold-out); default every image of the folder, and then every XML must have its image.
+        class_names: label i = class_names[i - 1]; None collects the class names of these files, sorted. An object of
+            a class outside a given list is an error naming the file, the class and ``--class-names``.
+        include_difficult: as ``VocDataset``.
+        record: how the images were chosen (split file, hold-out), kept in ``describe()``.
+
+    An image without an XML file is an image without objects (labelImg writes none for an image it never saved),
+    counted in ``cleaning_report["images_without_annotation_file"]``; a folder where no image has one is an error.
+    Image ids are ``ImageFolder`` ids (``detpretrain.data.image_lists``); ``target["image_name"]``, which the VOC
+    evaluator keys on, is the relative path without extension.
+    """
+
+    format = "voc"
+    flag_key = "difficult"
+
+    def __init__(
+        self,
+        images: str | Path | ImageFolder,
+        annotations: str | Path | None = None,
+        *,
+        relative_paths: Sequence[str] | None = None,
+        class_names: Sequence[str] | None = None,
+        include_difficult: bool = True,
+        record: dict[str, Any] | None = None,
+    ) -> None:
+        folder = images if isinstance(images, ImageFolder) else ImageFolder(images)
+        ann_dir = Path(annotations) if annotations is not None else folder.root
+        if not ann_dir.is_dir():
+            raise DatasetError(f"annotation folder {ann_dir} does not exist; pass the folder of the XML files")
+        if relative_paths is None:
+            relative_paths = voc_folder_images(folder, ann_dir)
+        self.folder, self.ann_dir, self.include_difficult = folder, ann_dir, include_difficult
+        annotations_read: list[tuple[str, Path, VocImage | None]] = []
+        for rel in relative_paths:
+            xml_path = ann_dir / f"{_stem_path(rel)}.xml"
+            annotations_read.append((rel, xml_path, read_voc_annotation(xml_path) if xml_path.is_file() else None))
+        if not any(annotation is not None for _, _, annotation in annotations_read):
+            raise DatasetError(
+                f"none of the {len(annotations_read)} images of {folder.root} has an XML file in {ann_dir} (looked "
+                f"for e.g. {annotations_read[0][1]}); pass the folder of the XML files as --train-ann / --val-ann"
+            )
+        if class_names is None:
+            class_names = sorted({o.name for _, _, a in annotations_read if a is not None for o in a.objects})
+            if not class_names:
+                raise DatasetError(f"the XML files in {ann_dir} name no object; pass --class-names or annotate some")
+        class_names = list(class_names)
+        categories = [Category(label=i + 1, id=name, name=name) for i, name in enumerate(class_names)]
+        label_of = {name: i + 1 for i, name in enumerate(class_names)}
+        report = dict.fromkeys((*CLEANING_KEYS, "images_without_annotation_file"), 0)
+        details: dict[str, list[str]] = {}
+        entries = []
+        for rel, xml_path, annotation in annotations_read:
+            image_path = folder.path(rel)
+            if annotation is None:
+                report["images_without_annotation_file"] += 1
+                add_detail(details, "images_without_annotation_file", str(image_path))
+            width, height = (annotation.width, annotation.height) if annotation is not None else (None, None)
+            if width is None:
+                width, height = image_size(image_path)
+            entries.append(
+                voc_entry(
+                    annotation.objects if annotation is not None else (),
+                    image_id=folder.image_id(rel),
+                    name=_stem_path(rel),
+                    path=image_path,
+                    xml_path=xml_path,
+                    width=width,
+                    height=height,
+                    label_of=label_of,
+                    include_difficult=include_difficult,
+                    report=report,
+                    details=details,
+                )
+            )
+        super().__init__(
+            entries,
+            categories=categories,
+            with_masks=False,
+            cleaning_report=report,
+            source={
+                "images": str(folder.root),
+                "annotations": str(ann_dir),
+                "class_names": class_names,
+                "images_chosen": record or {"all images of the folder": len(entries)},
+            },
+        )
+        self.cleaning_details = details
+
+    def _target(self, entry: ImageEntry) -> dict[str, Any]:
+        return {**super()._target(entry), "image_name": entry.name}
+
+
+def voc_folder_images(folder: ImageFolder, ann_dir: Path) -> list[str]:
+    """Every image of ``folder`` (relative paths), after checking that every XML file of ``ann_dir`` has its image:
+    without a split file the images and the XML files are the dataset, and an XML whose image is missing is an
+    error naming it."""
+    for xml_path in sorted(Path(ann_dir).rglob("*.xml")):
+        stem = xml_path.relative_to(ann_dir).with_suffix("").as_posix()
+        folder.resolve(stem, where=f"VOC annotation {xml_path}")
+    return list(folder.files)
+
+
+def _stem_path(relative: str) -> str:
+    """``"sub/a.jpg"`` -> ``"sub/a"``: an image's name in a flat layout (its XML is ``<name>.xml``)."""
+    path = Path(relative)
+    return path.with_suffix("").as_posix() if path.suffix else path.as_posix()
 
 
 def _image_size(path: Path) -> tuple[int, int]:

@@ -45,6 +45,7 @@ from detpretrain.evaluation.voc import (
     load_voc_ground_truth,
     parse_voc_xml,
     voc_ap,
+    voc_folder_ground_truth,
 )
 
 __all__ = [
@@ -73,4 +74,5 @@ __all__ = [
     "load_voc_ground_truth",
     "parse_voc_xml",
     "voc_ap",
+    "voc_folder_ground_truth",
 ]

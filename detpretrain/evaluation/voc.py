@@ -24,7 +24,9 @@ Models train and predict in 0-based continuous coordinates, ``[xmin - 1, ymin - 
 what detectron2's VOC loader does too); the evaluator adds the 1 back before the IoU, as detectron2's does.
 
 Ground truth: a VOCdevkit folder, a year and an image set: ``VOC<year>/ImageSets/Main/<image set>.txt`` lists the
-images, ``VOC<year>/Annotations/<image>.xml`` holds their objects. ``parse_voc_xml`` reads one such file. The XML
+images, ``VOC<year>/Annotations/<image>.xml`` holds their objects. Outside VOCdevkit (``voc_folder_ground_truth``):
+the XML files of a folder, over the dataset's own classes, scored with the area-under-curve AP (no year, so not 2007's
+11 points). ``parse_voc_xml`` reads one such file. The XML
 reader itself, ``VOC_CLASSES``, ``VocObject`` and ``VocImage`` live in ``detpretrain.data.voc`` (re-exported here), so
 that the evaluator and ``VocDataset`` read a file the same way. ``parse_voc_xml`` adds the evaluator's own rule on top:
 an inverted box (``xmax < xmin`` or ``ymax < ymin``) is an error, where the dataset drops it and counts it, since
@@ -69,6 +71,7 @@ __all__ = [
     "load_voc_ground_truth",
     "parse_voc_xml",
     "voc_ap",
+    "voc_folder_ground_truth",
 ]
 
 # detectron2 evaluates at thresh / 100 for thresh in range(50, 100, 5).
@@ -108,7 +111,7 @@ def parse_voc_xml(path: str | Path) -> VocImage:
 class VocGroundTruth:
     """The annotations of one VOC image set: ``images`` maps image names to their annotations, in image-set order."""
 
-    year: int
+    year: int | None  # None for a dataset outside VOCdevkit: scored with the area under the curve, not VOC07's
     image_set: str
     class_names: tuple[str, ...]
     images: dict[str, VocImage]
@@ -149,10 +152,34 @@ def load_voc_ground_truth(
             if obj.name not in known:
                 raise VocAnnotationError(
                     f"VOC annotation {year_dir / 'Annotations' / f'{name}.xml'}: class {obj.name!r} is not one of "
-                    f"the {len(known)} classes evaluated (pass class_names for a dataset with other classes)"
+                    f"the {len(known)} classes evaluated; pass --class-names listing every class of the dataset"
                 )
         images[name] = image
     return VocGroundTruth(year=year, image_set=image_set, class_names=tuple(class_names), images=images)
+
+
+def voc_folder_ground_truth(
+    xml_files: Mapping[str, Path], *, class_names: Sequence[str], source: Any = "VOC folder"
+) -> VocGroundTruth:
+    """The ground truth of VOC XML files outside VOCdevkit (``detpretrain.data.voc.VocFolderDataset``): image name ->
+    its XML file, read by ``parse_voc_xml``; an image whose file does not exist has no objects (as the dataset reads
+    it). ``year`` is None: the area under the interpolated precision-recall curve (detectron2's metric for every
+    year but 2007), over the dataset's own ``class_names``."""
+    known = set(class_names)
+    images = {}
+    for name, xml_path in xml_files.items():
+        xml_path = Path(xml_path)
+        image = parse_voc_xml(xml_path) if xml_path.is_file() else VocImage(name, None, None, None, ())
+        for obj in image.objects:
+            if obj.name not in known:
+                raise VocAnnotationError(
+                    f"VOC annotation {xml_path}: class {obj.name!r} is not one of the {len(known)} classes evaluated; "
+                    "pass --class-names listing every class of the dataset"
+                )
+        images[name] = image
+    if not images:
+        raise VocAnnotationError(f"{source}: no images to evaluate")
+    return VocGroundTruth(year=None, image_set=str(source), class_names=tuple(class_names), images=images)
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, *, use_07_metric: bool) -> float:
