@@ -67,13 +67,14 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 
 import detpretrain
 from detpretrain import engine
-from detpretrain.backbone import NORMS
+from detpretrain.backbone import NORMS, BackboneError
 from detpretrain.data.coco import CocoDataset
 from detpretrain.data.detection import (
     ASPECT_RATIO_GROUPS,
     DatasetError,
     DetectionDataset,
     GroupedBatchSampler,
+    check_has_boxes,
     collate_detection,
     uniform_epoch_order,
 )
@@ -83,6 +84,8 @@ from detpretrain.data.lvis import (
     RepeatFactorBatchSampler,
     repeat_factor_epoch_order,
 )
+from detpretrain.data.sources import DATA_FLAGS, DataFlags, add_data_arguments, load_detection_data
+from detpretrain.data.sources import evaluation_ground_truth as load_evaluation_ground_truth
 from detpretrain.data.synthetic import synthetic_coco
 from detpretrain.data.transforms import (
     LOW_SHOT_SHORT_RANGE,
@@ -92,7 +95,7 @@ from detpretrain.data.transforms import (
     SampleTransform,
     train_transforms,
 )
-from detpretrain.data.voc import VocDataset, parse_image_sets
+from detpretrain.data.voc import parse_image_sets
 from detpretrain.detection import (
     ARCHS,
     PROTOCOLS,
@@ -116,7 +119,6 @@ from detpretrain.evaluation import (
     VocEvaluator,
     load_coco_ground_truth,
     load_lvis_ground_truth,
-    load_voc_ground_truth,
 )
 from detpretrain.hub import HubWeightsError
 
@@ -133,6 +135,7 @@ RESUME_IGNORE = engine.DEFAULT_RESUME_IGNORE | {
     "val_images",
     "val_ann",
     "val_sets",
+    "val_split",
     "val_subset",
     "eval_every",
     "eval_only",
@@ -147,14 +150,8 @@ TABLE_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf",
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Detection fine-tuning and evaluation", description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data (no data flags: the embedded default dataset, its train and val splits)")
-    data.add_argument("--format", default="coco", choices=["coco", "lvis", "voc"], help="dataset format and metric")
-    data.add_argument("--train-images", type=Path, help="image folder (COCO); the COCO root for LVIS")
-    data.add_argument("--train-ann", type=Path, help="COCO instances json, or LVIS json")
-    data.add_argument("--val-images", type=Path, help="evaluation image folder (COCO, LVIS)")
-    data.add_argument("--val-ann", type=Path, help="evaluation json (COCO, LVIS); scored with its official metric")
-    data.add_argument("--voc-root", type=Path, help="VOCdevkit folder (--format voc)")
-    data.add_argument("--train-sets", default="2007-trainval,2012-trainval", help="VOC training sets (§4.2: 07+12)")
-    data.add_argument("--val-sets", default="2007-test", help="the VOC image set to evaluate on (§4.2: 2007-test)")
+    # --format, images, annotations, VOCdevkit sets, splits, class names: detpretrain.data.sources (shared flags)
+    add_data_arguments(data, flags=DATA_FLAGS, format_help="dataset format and metric (YOLO: COCO's metric)")
     data.add_argument(
         "--train-subset",
         type=int,
@@ -274,6 +271,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     run.add_argument("--log-every", type=int, default=20, help="log.jsonl row every N steps")
     run.add_argument("--quiet", action="store_true", help="no progress bar or log lines on stderr")
+    run.add_argument(
+        "--max-bad-image-fraction",
+        type=float,
+        default=engine.DEFAULT_MAX_BAD_IMAGE_FRACTION,
+        help="training skips an image that cannot be used (undecodable, truncated, empty, of another size than its "
+        "annotation), replaces it and reports it in log.jsonl and eval.json; more than this share of the training "
+        "images stops the run (0: the first one does)",
+    )
+    run.add_argument(
+        "--count-flops",
+        action="store_true",
+        help="count each step's FLOPs (torch.utils.flop_counter) into log.jsonl's flops: the study's compute unit",
+    )
     return parser
 
 
@@ -283,22 +293,34 @@ def check_args(args: argparse.Namespace) -> list[int]:
     coco_like = ("--train-images", "--train-ann", "--val-images", "--val-ann")
     given = {flag for flag in coco_like if getattr(args, flag[2:].replace("-", "_")) is not None}
     for a, b in (("--train-images", "--train-ann"), ("--val-images", "--val-ann")):
-        if (a in given) != (b in given):
+        if (a in given) != (b in given) and args.format in ("coco", "lvis"):
             missing = b if a in given else a
             raise SystemExit(f"{a} and {b} go together: pass {missing} too (or neither pair for the embedded default)")
-    if args.format == "voc":
-        if args.voc_root is None:
-            raise SystemExit("--format voc needs --voc-root VOCdevkit")
-        if given:
-            raise SystemExit(f"--format voc reads --voc-root, not {', '.join(sorted(given))}: drop them")
+    if args.format in ("voc", "yolo"):
         if args.arch == "maskrcnn":
-            raise SystemExit("VOC has no instance masks: use --arch fasterrcnn, fasterrcnn_c4 or retinanet")
-        parse_voc_sets(args.train_sets)
-        if len(parse_voc_sets(args.val_sets)) != 1:
-            raise SystemExit(f"--val-sets {args.val_sets}: evaluate one VOC image set at a time, e.g. 2007-test")
+            raise SystemExit(
+                f"{args.format.upper()} has no instance masks: use --arch fasterrcnn, fasterrcnn_c4 or retinanet"
+            )
+        if args.voc_root is not None and args.format == "voc":
+            if given:
+                raise SystemExit(f"--voc-root reads its image sets, not {', '.join(sorted(given))}: drop them")
+            parse_voc_sets(args.train_sets)
+            if len(parse_voc_sets(args.val_sets)) != 1:
+                raise SystemExit(f"--val-sets {args.val_sets}: evaluate one VOC image set at a time, e.g. 2007-test")
+        elif args.train_images is None and not (args.format == "yolo" and args.train_ann is not None):
+            raise SystemExit(
+                "--format voc needs --voc-root VOCdevkit, or --train-images DIR (XML files beside the images or in "
+                "--train-ann XML_DIR)"
+                if args.format == "voc"
+                else "--format yolo needs --train-ann data.yaml, or --train-images DIR with --class-names"
+            )
     else:
         if args.voc_root is not None:
             raise SystemExit(f"--voc-root needs --format voc (this run reads --format {args.format})")
+        for flag in ("train_split", "val_split", "val_fraction", "class_names"):
+            if getattr(args, flag) is not None:
+                name = "--" + flag.replace("_", "-")
+                raise SystemExit(f"{name} is for --format voc / yolo folders: a {args.format} json lists its images")
         if "--val-images" in given and "--train-images" not in given:
             raise SystemExit("--val-images/--val-ann need --train-images/--train-ann: the embedded default has its own")
         if "--train-images" in given and "--val-images" not in given:
@@ -389,7 +411,7 @@ def detector_settings(args: argparse.Namespace) -> dict[str, int | float]:
 
 
 def default_arch(args: argparse.Namespace) -> str:
-    return args.arch or ("fasterrcnn" if args.format == "voc" else "maskrcnn")
+    return args.arch or ("fasterrcnn" if args.format in ("voc", "yolo") else "maskrcnn")
 
 
 def default_score_thresh(args: argparse.Namespace) -> float:
@@ -406,11 +428,9 @@ def default_schedule(args: argparse.Namespace) -> str:
 def load_datasets(args: argparse.Namespace, *, with_masks: bool) -> tuple[DetectionDataset, DetectionDataset, Any]:
     """(training set, evaluation set, the evaluation ground truth loaded once for every evaluation)."""
     try:
-        if args.format == "voc":
-            train = VocDataset(args.voc_root, args.train_sets)
-            val = VocDataset(args.voc_root, args.val_sets)
-            ((year, image_set),) = parse_voc_sets(args.val_sets)
-            ground_truth = load_voc_ground_truth(args.voc_root, year=year, image_set=image_set)
+        if args.format in ("voc", "yolo"):  # VOCdevkit, VOC XML folders, YOLO: detpretrain.data.sources
+            train, val = load_detection_data(DataFlags.from_namespace(args), need_val=True)
+            ground_truth = load_evaluation_ground_truth(val)
         elif args.format == "lvis":
             train = LvisDataset(args.train_ann, args.train_images, with_masks=with_masks)
             val = LvisDataset(args.val_ann, args.val_images)
@@ -470,7 +490,7 @@ def train_transform(protocol: Protocol) -> Compose:
 
 
 def make_evaluator(args: argparse.Namespace, ground_truth: Any, *, val: DetectionDataset, iou_types: tuple[str, ...]):
-    if args.format == "voc":
+    if args.format == "voc":  # VOCdevkit and VOC XML folders; YOLO is scored with COCO's metric (data.yolo)
         return VocEvaluator(ground_truth, label_to_category=val.label_to_category)
     if args.format == "lvis":
         return LvisEvaluator(ground_truth, iou_types=iou_types, label_to_category=val.label_to_category)
@@ -621,6 +641,8 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
 
     # ----------------------------------------------------------------------------------------------------- data
     train, val, ground_truth = load_datasets(args, with_masks=with_masks)
+    check_has_boxes(train, role="training")  # no box to learn from, or to score against: stop before any work
+    check_has_boxes(val, role="evaluation")
     transform = train_transform(protocol)
     # LVIS: repeat-factor sampling (LVIS appendix B.2, t = 0.001, as detectron2's LVIS configs): our recorded choice
     sampler_record: dict[str, Any] = (
@@ -695,6 +717,8 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
             score_thresh=score_thresh,
             detector_kwargs=detector_settings(args),
         )
+    except BackboneError as err:  # a model without the levels, stages or norm the detector needs: its own one line
+        raise SystemExit(f"--backbone {err}") from None
     except (ValueError, HubWeightsError) as err:
         raise SystemExit(f"--backbone {args.backbone}: {err}") from None
     memory_format = engine.memory_format(device)
@@ -732,12 +756,16 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
                 "batch_norm": batch_norm,
                 "amp": args.amp if device.type == "cuda" else "off (CPU)",
                 "device": device.type,
+                "bad_images": bad_images.summary(),
             },
             "eval": {
                 "data": val.describe(),
-                "metric": {"coco": "pycocotools COCOeval", "lvis": "lvis-api", "voc": "detectron2 PASCAL VOC"}[
-                    args.format
-                ],
+                "metric": {
+                    "coco": "pycocotools COCOeval",
+                    "lvis": "lvis-api",
+                    "voc": "detectron2 PASCAL VOC",
+                    "yolo": "pycocotools COCOeval",
+                }[args.format],
                 "test_size": {"min_size": protocol.test_min_size, "max_size": protocol.test_max_size},
                 "detections_per_img": detections_per_img,
                 "score_thresh": score_thresh,
@@ -795,6 +823,12 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
         return {**result, "precise_bn": precise_bn}
 
     # --------------------------------------------------------------------------------------------------- resume
+    bad_images = engine.BadSampleTracker(
+        dataset_size=len(train),
+        max_fraction=args.max_bad_image_fraction,
+        dist_info=dist_info,
+        source=", ".join(map(str, train.source.values())),
+    )
     start_step = 0
     checkpoint_path = args.output_dir / engine.CHECKPOINT_NAME
     resume_from = engine.resolve_resume(args.resume, output_dir=args.output_dir)
@@ -832,6 +866,7 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
             dist_info=dist_info,
             ignore_args=RESUME_IGNORE,
         )
+        bad_images.load_state_dict(checkpoint.get("bad_images"))  # the images skipped before the checkpoint
     history_path = args.output_dir / HISTORY_NAME
     if dist_info.is_main:
         engine.save_args(args.output_dir, vars(args))
@@ -849,7 +884,8 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
         if batch_norm.get("note"):
             print(f"note: {batch_norm['note']}", flush=True)
     ddp_model = engine.wrap_ddp(model, dist_info)
-    batches = iter(make_train_loader(start_step, schedule.total_iters))
+    train_loader = make_train_loader(start_step, schedule.total_iters)
+    batches = iter(train_loader)
 
     def compute_losses(batch) -> dict[str, torch.Tensor]:
         images, targets = batch  # lists: uint8 (3, H_i, W_i) at the train size; targets with boxes in those pixels
@@ -865,6 +901,7 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
         log_every=args.log_every,
         is_main=dist_info.is_main,
         quiet=args.quiet,
+        bad_samples=bad_images,
     ) as logger:
         for step in range(start_step, schedule.total_iters):
             lr = engine.set_lr(optimizer, schedule.lr_at(step))  # each group times its lr_scale (mask head x4)
@@ -880,7 +917,9 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
                 amp=args.amp,
                 max_grad_norm=args.clip_grad,
                 checkpoint_path=checkpoint_path,
+                count_flops=args.count_flops,
             )
+            bad_images.update(train_loader.take_skipped(), step=step)  # every rank; stops past the limit
             logger.log(step, lr=lr, stats=stats)
             done = step + 1
             if done % args.save_every == 0 or done == schedule.total_iters:
@@ -892,7 +931,7 @@ def finetune(args: argparse.Namespace, dist_info: engine.DistInfo) -> Path:
                     args=vars(args),
                     global_batch_size=global_batch,
                     dist_info=dist_info,
-                    extra={"detector_record": record},
+                    extra={"detector_record": record, "bad_images": bad_images.state_dict()},
                 )
                 if dist_info.is_main:
                     engine.save_checkpoint(checkpoint_path, state)
@@ -1002,4 +1041,4 @@ def summarize_seeds(runs: dict[int, Path], *, output_dir: Path, dist_info: engin
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    engine.run_main(main, get_args_parser().parse_args())

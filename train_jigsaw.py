@@ -55,6 +55,7 @@ import torch.distributed as dist
 import detpretrain
 from detpretrain import engine
 from detpretrain.data.detection import DatasetError
+from detpretrain.data.sources import DataFlags, add_data_arguments, load_detection_data
 from detpretrain.data.synthetic import synthetic_coco
 from detpretrain.jigsaw import (
     DEFAULT_SHARD_SIZE,
@@ -69,6 +70,7 @@ from detpretrain.jigsaw import (
     coco_image_records,
     compute_erf,
     create_backbone,
+    dataset_records,
     erf_label_weights,
     extract_samples,
     feature_region_index,
@@ -98,16 +100,15 @@ PAPER_GLOBAL_BATCH = 512  # assembled images per step in §4.1; the lr values be
 ERF_STREAM = 0xE5F  # seeds the fixed batch of assembled images the ERF is measured on (our choice)
 # How the samples are extracted, not what they are (the sample directory's manifest checks that): free on resume.
 RESUME_IGNORE = engine.DEFAULT_RESUME_IGNORE | {"extract_workers", "extract_only"}
+# The shared data flags this script reads (detpretrain.data.sources): the training images only, no val set.
+DATA_TRAIN_FLAGS = ("--train-images", "--train-ann", "--voc-root", "--train-sets", "--train-split", "--class-names")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Jigsaw (Montage) pre-training", description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data (no data flags: the embedded default dataset)")
-    data.add_argument("--format", default="coco", choices=["coco", "voc"], help="dataset format")
-    data.add_argument("--train-images", type=Path, help="COCO image directory")
-    data.add_argument("--train-ann", type=Path, help="COCO instances json")
-    data.add_argument("--voc-root", type=Path, help="VOCdevkit directory (with --format voc)")
-    data.add_argument("--train-sets", default="2007-trainval,2012-trainval", help="VOC image sets, year-split")
+    # --format, images, annotations, VOCdevkit sets, a split file, class names: detpretrain.data.sources
+    add_data_arguments(data, flags=DATA_TRAIN_FLAGS, formats=("coco", "voc", "yolo"))
     data.add_argument(
         "--samples", type=Path, help="sample directory to write, continue or reuse; default OUTPUT_DIR/samples.jigsaw"
     )
@@ -134,6 +135,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--table1",
         choices=FIT_MODES,
         help="Tab. 1's run: --fit FIT with --classification blockwise (Tab. 1 was run with block-wise labels)",
+    )
+    jigsaw.add_argument(
+        "--empty-group",
+        default="refuse",
+        choices=["refuse", "borrow"],
+        help="a shape group (S, T, W) with no sample: stop (the paper fills each region from its own group), or "
+        "draw it from the nearest group (small datasets; recorded)",
     )
     jigsaw.add_argument("--scale-range", type=float, nargs=2, default=(0.8, 1.5), help="per-sample scale (§4.1)")
     jigsaw.add_argument("--flip-prob", type=float, default=0.5, help="per-sample horizontal flip (§4.1)")
@@ -183,6 +191,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     run.add_argument("--log-every", type=int, default=20, help="log.jsonl row every N steps")
     run.add_argument("--quiet", action="store_true", help="no progress bar or log lines on stderr")
+    run.add_argument(
+        "--max-bad-image-fraction",
+        type=float,
+        default=engine.DEFAULT_MAX_BAD_IMAGE_FRACTION,
+        help="extraction skips an image that cannot be used (undecodable, truncated, empty, of another size than its "
+        "annotation) and names it in SAMPLES/skipped.jsonl; more than this share of the images stops the run",
+    )
+    run.add_argument(
+        "--count-flops",
+        action="store_true",
+        help="count each step's FLOPs (torch.utils.flop_counter) into log.jsonl's flops: the study's compute unit",
+    )
     run.add_argument("--visualize", type=int, default=0, help="save N assembled images and the top-left ERF (Fig. 6)")
     run.add_argument("--tag", default="jigsaw", help="the timm pretrained tag the export is for")
     run.add_argument("--license", default="apache-2.0", help="license of the exported weights (model card)")
@@ -211,11 +231,17 @@ def load_records(args: argparse.Namespace):
     a file they cannot use stops the run with their message, as in finetune.py.
     """
     try:
-        if args.format == "voc":
-            if args.voc_root is None:
-                raise SystemExit("--format voc needs --voc-root VOCdevkit")
+        if args.format == "voc" and args.voc_root is not None:
             records = voc_image_records(args.voc_root, args.train_sets)
             return records, f"PASCAL VOC {args.train_sets} ({args.voc_root})"
+        if args.format in ("voc", "yolo"):  # VOC XML folders and YOLO (detpretrain.data.sources): every listed image
+            train, _ = load_detection_data(DataFlags.from_namespace(args))
+            source = {k: v for k, v in train.source.items() if k != "class_names"}
+            ids = [c.id for c in train.categories]  # YOLO's class indices; VOC's categories are names: no ids
+            records = dataset_records(train, category_ids=ids if all(isinstance(i, int) for i in ids) else None)
+            return records, f"{args.format} {json.dumps(source)}, classes {train.class_names[1:]}"
+        if args.train_split is not None or args.class_names is not None:
+            raise SystemExit("--train-split and --class-names are for --format voc / yolo: a COCO json names both")
         if (args.train_images is None) != (args.train_ann is None):
             raise SystemExit("pass both --train-images DIR and --train-ann FILE, or neither for the embedded default")
         if args.train_ann is None:
@@ -253,6 +279,7 @@ def prepare_samples(args: argparse.Namespace, dist_info: engine.DistInfo) -> tup
             num_workers=args.extract_workers,
             dist_info=dist_info,
             progress=dist_info.is_main and not args.quiet,
+            max_bad_image_fraction=args.max_bad_image_fraction,
         )
         samples = JigsawSamples(directory)
     except SampleDirError as err:
@@ -261,6 +288,20 @@ def prepare_samples(args: argparse.Namespace, dist_info: engine.DistInfo) -> tup
         skipped = f", listed in {directory / SKIPPED_NAME}" if stats["skipped_images"] else ""
         print(f"samples in {directory}: {json.dumps(stats)}{skipped}", flush=True)
     return samples, description
+
+
+def fill_shape_groups(samples: JigsawSamples, args: argparse.Namespace, dist_info: engine.DistInfo) -> None:
+    """Refuse samples without an S, T or W sample before training, or (--empty-group borrow) fill the empty group."""
+    if not (empty := samples.empty_groups()):
+        return
+    if args.empty_group == "refuse":
+        raise SystemExit(
+            f"{samples.path}: no samples in shape group {', '.join(empty)} (§3.2 fills each of the four regions from "
+            "its own group); extract from more images, or pass --empty-group borrow to draw from the nearest group"
+        )
+    borrowed = samples.borrow_empty_groups()
+    if dist_info.is_main:
+        print(f"no samples in shape group(s) {borrowed}: drawn from the nearest group (--empty-group borrow)")
 
 
 class AssembledImages(torch.utils.data.Dataset):
@@ -344,6 +385,7 @@ def main(args: argparse.Namespace) -> Path:
 
     # ----------------------------------------------------------------------------------------------------- data
     samples, dataset_description = prepare_samples(args, dist_info)
+    fill_shape_groups(samples, args, dist_info)
     template = get_template(args.template)
     assembled = AssembledImages(samples, template=template, args=args)
     num_classes = len(samples.class_names)  # categories + background (label 0, the negatives)
@@ -467,6 +509,7 @@ def main(args: argparse.Namespace) -> Path:
                 amp=args.amp,
                 max_grad_norm=args.clip_grad,
                 checkpoint_path=checkpoint_path,
+                count_flops=args.count_flops,
             )
             extra = {"erf_refreshed": True} if refreshed else {}
             if refreshed:
@@ -547,6 +590,13 @@ def model_card_fields(args, samples: JigsawSamples, template: JigsawTemplate, *,
         "samples": f"{len(samples)} ({json.dumps(samples.header['stats'])}); positives enlarged up to "
         f"{args.max_enlarge}x, positives:negatives {args.pos_neg_ratio}:1, crowd never positive, "
         f"samples under {args.min_sample_size}px dropped",
+        "bad_images": _bad_images_note(samples, max_fraction=args.max_bad_image_fraction),
+        "shape_groups": ", ".join(
+            f"{g}: none, drawn from {samples.borrowed_groups[g]} (--empty-group borrow, not the paper's)"
+            if g in samples.borrowed_groups
+            else f"{g}: {len(samples.group_indices[g])} samples"
+            for g in "STW"
+        ),
         "sample_storage": f"cut once at native resolution, stored as JPEG quality {extraction['jpeg_quality']} with "
         f"{extraction['jpeg_subsampling']} chroma (our choice: PSNR 41 dB against lossless on coco128, "
         "benchmarks/RESULTS.md)",
@@ -558,5 +608,16 @@ def model_card_fields(args, samples: JigsawSamples, template: JigsawTemplate, *,
     }
 
 
+def _bad_images_note(samples: JigsawSamples, *, max_fraction: float) -> str:
+    """The model card's line on the source images extraction skipped (SAMPLES/skipped.jsonl), each with its reason."""
+    skipped = samples.skipped_images()
+    listed = "; ".join(f"{entry['file_name']}: {entry['reason']}" for entry in skipped[:20])
+    listed += f"; ... (all in {samples.path / SKIPPED_NAME})" if len(skipped) > 20 else ""
+    return (
+        f"{len(skipped)} of {samples.header['num_images']} source images skipped (limit --max-bad-image-fraction "
+        f"{max_fraction:g})" + (f": {listed}" if listed else "")
+    )
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    engine.run_main(main, get_args_parser().parse_args())

@@ -26,8 +26,11 @@ not say; 1024 views on 128 GPUs is 8 views per GPU).
     torchrun --nproc_per_node 8 train_predet.py --model resnet50 --batch-size 32 --accum-steps 4 \\
         --train-images photos/ --train-ann labels.jsonl --output-dir out/r50
     # a smaller global batch instead: the lr is scaled linearly (lr x global batch / 1024), say so in your report
-    # image-level labels from a COCO / LVIS json (boxes ignored); --skip-bad-rows skips images without labels
-    python train_predet.py --train-images coco/train2017 --train-ann instances_train2017.json --skip-bad-rows ...
+    # image-level labels from a COCO / LVIS json (boxes ignored; images without labels are left out and counted)
+    python train_predet.py --train-images coco/train2017 --train-ann instances_train2017.json ...
+    # ... or from your own detection data: Pascal-VOC XML (any layout) or YOLO (labels = the classes in each image)
+    python train_predet.py --format voc --train-images photos/ --train-ann xml/ --train-split train.txt ...
+    python train_predet.py --format yolo --train-ann data.yaml ...
     # CPU smoke run on the embedded default dataset (no data flags)
     python train_predet.py --model resnet18 --view-size 160 --iters 30 --warmup-iters 5 --batch-size 8 --device cpu
 
@@ -65,7 +68,8 @@ import torch.distributed as dist
 import detpretrain
 from detpretrain import engine
 from detpretrain.data import labelled_images, tar_shards
-from detpretrain.data.labelled_images import ImageDecodeError, LabelledImageDataset, LabelledImages, LabelledSample
+from detpretrain.data.labelled_images import LabelledImageDataset, LabelledImages, LabelledSample
+from detpretrain.data.sources import DataFlags, add_data_arguments, load_detection_data
 from detpretrain.data.synthetic import synthetic_coco
 from detpretrain.data.tar_shards import DEFAULT_SHUFFLE_BUFFER
 from detpretrain.detection.predet_heads import HEAD_INIT
@@ -113,7 +117,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--class-names",
         type=Path,
-        help="class list, one per line (required with --train-shards; .jsonl/.csv labels: default sorted)",
+        help="class list, one per line (required with --train-shards; .jsonl/.csv labels: default sorted); also "
+        "a,b,c for --format voc / yolo (default: the data yaml's names, or the sorted classes of the XML files)",
+    )
+    # --format voc / yolo (detection annotations; labels = the classes present in each image), VOCdevkit sets and a
+    # split file: the shared flags of detpretrain.data.sources. Without --format, --train-ann's extension decides.
+    add_data_arguments(
+        data,
+        flags=("--voc-root", "--train-sets", "--train-split"),
+        default_format=None,
+        format_help="read detection annotations as image-level labels (voc: XML in any layout, yolo: labels/*.txt "
+        "or a data yaml); default: by --train-ann (.json COCO/LVIS, .jsonl/.csv label file, none: class folders)",
     )
     data.add_argument(
         "--shuffle-buffer",
@@ -218,6 +232,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-every", type=int, default=2000, help="checkpoint every N steps (and at the end)")
     run.add_argument("--log-every", type=int, default=20, help="log.jsonl row every N steps")
     run.add_argument("--quiet", action="store_true", help="no progress bar or log lines on stderr")
+    run.add_argument(
+        "--max-bad-image-fraction",
+        type=float,
+        default=engine.DEFAULT_MAX_BAD_IMAGE_FRACTION,
+        help="training skips an image that went bad after the checks (undecodable, truncated, empty, of another size "
+        "than the proposal cache recorded), replaces it and reports it in log.jsonl and the model card; more than this "
+        "share of the training images stops the run",
+    )
+    run.add_argument(
+        "--count-flops",
+        action="store_true",
+        help="count each step's FLOPs (torch.utils.flop_counter) into log.jsonl's flops: the study's compute unit",
+    )
     run.add_argument("--no-export-fpn", action="store_true", help="export the backbone only, not fpn.safetensors")
     run.add_argument(
         "--export-heads",
@@ -272,8 +299,11 @@ def check_args(args: argparse.Namespace) -> None:
         images_per_batch(args.batch_size)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    if args.train_ann is not None and args.train_images is None:
+    yolo_yaml = args.format == "yolo" and args.train_ann is not None and args.train_ann.suffix in (".yaml", ".yml")
+    if args.train_ann is not None and args.train_images is None and not yolo_yaml:
         raise SystemExit("--train-ann needs --train-images (the folder its file names are relative to)")
+    if args.format not in ("voc", "yolo") and (args.train_split is not None or args.voc_root is not None):
+        raise SystemExit("--train-split and --voc-root are for --format voc / yolo")
     if args.train_shards is not None and args.train_images is not None:
         raise SystemExit("pass --train-shards (tar shards) or --train-images (files), not both")
     if args.train_shards is not None and args.class_names is None:
@@ -289,16 +319,28 @@ def read_labelled_images(args: argparse.Namespace) -> LabelledImages:
     the embedded default dataset. Every rank reads them itself (the same arrays everywhere: no broadcast, and no rank
     waits for another); bad label rows stop the run, or are skipped and counted with --skip-bad-rows."""
     policy = "skip" if args.skip_bad_rows else "error"
+    if args.format in ("voc", "yolo"):  # detection annotations: labels = the classes of each image's boxes
+        try:
+            train, _ = load_detection_data(DataFlags.from_namespace(args))
+            return labelled_images.from_detection_dataset(train)
+        except ValueError as error:  # DatasetError included
+            raise SystemExit(str(error)) from None
     train_images, train_ann = args.train_images, args.train_ann
     if train_images is None:
         default = synthetic_coco()
         train_images, train_ann = default.train_images, default.train_ann
     try:
+        # A COCO/LVIS image without labels is left out and counted (in the summary the log and model card show).
         return labelled_images.read_labelled_images(
-            train_images, train_ann, class_names=args.class_names, on_bad_row=policy
+            train_images,
+            train_ann,
+            class_names=args.class_names,
+            on_bad_row=policy,
+            skip_unlabelled=True,
+            skip_hint="--skip-bad-rows",
         )
     except labelled_images.BadRowError as error:
-        raise SystemExit(f"{error}; pass --skip-bad-rows to skip such rows and count them") from None
+        raise SystemExit(str(error)) from None
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as error:
         raise SystemExit(str(error)) from None
 
@@ -358,8 +400,9 @@ def usable_rows(args, images: LabelledImages, bad: dict) -> np.ndarray | None:
 
 class TrainImages(torch.utils.data.Dataset):
     """The usable rows of a LabelledImages as a dataset of ``LabelledSample``; a sample's ``index`` stays its row
-    in the LabelledImages, the proposal cache's row. A file that fails to decode here (one that broke after the
-    checks) names the flags that skip such files."""
+    in the LabelledImages, the proposal cache's row. A file that is gone or fails to decode here (one that broke
+    after the checks) raises ``engine.BadSampleError``: training replaces it and reports it (--max-bad-image-fraction).
+    """
 
     def __init__(self, images: LabelledImages, rows: np.ndarray | None) -> None:
         self.base, self.rows = LabelledImageDataset(images), rows
@@ -370,11 +413,10 @@ class TrainImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> LabelledSample:
         row = index if self.rows is None else int(self.rows[index])
         try:
-            return self.base[row]
-        except (ImageDecodeError, FileNotFoundError) as error:
-            raise ImageDecodeError(
-                f"{error}. Restart with --verify-images --skip-bad-rows (and --resume auto) to drop such files"
-            ) from None
+            return self.base[row]  # an undecodable file raises ImageDecodeError, an engine.BadSampleError
+        except FileNotFoundError as error:
+            path = self.base.images.path(row)
+            raise engine.BadSampleError(str(error), name=path, reason="missing: no such file") from None
 
 
 class ViewsWithoutQueries:
@@ -519,6 +561,16 @@ def main(args: argparse.Namespace) -> Path:
             dist_info=dist_info,
             ignore_args=RESUME_IGNORE,
         )
+    # Image files: a file that goes bad during training is replaced and counted (a tar stream skips its own).
+    bad_images = None
+    if data.images is not None:
+        bad_images = engine.BadSampleTracker(
+            dataset_size=len(data.images),
+            max_fraction=args.max_bad_image_fraction,
+            dist_info=dist_info,
+            source=str(data.images.base.images.source),
+        )
+        bad_images.load_state_dict(checkpoint.get("bad_images"))
     if dist_info.is_main:
         engine.save_args(args.output_dir, vars(args))
     ddp_model = engine.wrap_ddp(model, dist_info)
@@ -589,6 +641,7 @@ def main(args: argparse.Namespace) -> Path:
         log_every=args.log_every,
         is_main=dist_info.is_main,
         quiet=args.quiet,
+        bad_samples=bad_images,
     ) as logger:
         for step in range(start_step, args.iters):
             lr_at = engine.warmup_multistep_lr(
@@ -611,8 +664,11 @@ def main(args: argparse.Namespace) -> Path:
                 amp=args.amp,
                 max_grad_norm=args.clip_grad,
                 checkpoint_path=checkpoint_path,
+                count_flops=args.count_flops,
             )
             extra = {}
+            if bad_images is not None:
+                bad_images.update(loader.take_skipped(), step=step)  # every rank; stops past the limit
             if stream is not None:
                 for record in stream.take_skipped():  # each bad sample is named once, by the rank that met it
                     print(f"rank {dist_info.rank}: skipped {record.describe()}", file=sys.stderr)
@@ -628,7 +684,9 @@ def main(args: argparse.Namespace) -> Path:
                     global_batch_size=global_batch,
                     dist_info=dist_info,
                     # Every rank's stream position (a collective): the resumed stream yields the same batches.
-                    extra={"tar_shards": stream.all_ranks_state_dict()} if stream is not None else None,
+                    extra={"tar_shards": stream.all_ranks_state_dict()}
+                    if stream is not None
+                    else {"bad_images": bad_images.state_dict()},
                 )
                 if dist_info.is_main:
                     engine.save_checkpoint(checkpoint_path, state)
@@ -649,6 +707,8 @@ def main(args: argparse.Namespace) -> Path:
             peak_lr=peak_lr,
             normalization=normalization,
         )
+        if bad_images is not None:
+            card["bad_images"] = json.dumps(bad_images.summary())
         detpretrain.save_pretrained(
             model.body,
             export_dir,
@@ -778,4 +838,4 @@ def _config_field_used(name: str, losses: tuple[str, ...]) -> bool:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    engine.run_main(main, get_args_parser().parse_args())
