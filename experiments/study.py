@@ -124,14 +124,14 @@ PRESETS = {
         jigsaw_iters=100,
     ),  # fmt: skip
     # Four arms x three seeds on a small dataset on a 2-core CPU, within 90 minutes (README "Does it work?"): every
-    # arm gets the FLOPs of 90 fine-tuning steps; the pre-trained arms spend a third of them pre-training.
+    # arm gets the FLOPs of 150 fine-tuning steps; the pre-trained arms spend 60% of them pre-training.
     "cpu": Preset(
         arms=ARMS,
         seeds=(0, 1, 2),
         budget="flops",
         model="resnet18",
         finetune_iters=60,
-        scratch_iters=90,
+        scratch_iters=150,
         eval_every=30,
         finetune_flags=(
             "--arch",
