@@ -27,6 +27,10 @@ a PreDet export's FPN and heads (fpn.safetensors, heads.safetensors) loaded with
     torchrun --nproc_per_node=8 finetune.py --format lvis --train-images coco --train-ann lvis_v1_train.json \\
         --val-images coco --val-ann lvis_v1_val.json --backbone resnext101_32x8d.predet --seeds 0,1,2 --output-dir ...
     torchrun --nproc_per_node=8 finetune.py --format voc --voc-root VOCdevkit --backbone ... --seeds 0,1,2 ...
+    # your own data (detpretrain.data.sources): VOC XML beside the images with split lists, or YOLO's data yaml
+    python finetune.py --format voc --train-images raccoon/images --train-ann raccoon/annotations \\
+        --train-split raccoon/train.txt --val-split raccoon/test.txt --backbone resnet50.jigsaw --output-dir ...
+    python finetune.py --format yolo --train-ann data.yaml --backbone convnext_tiny --output-dir ...
     # the Jigsaw paper's main table (Tab. 3): Faster R-CNN C4 on a train_jigsaw.py export, frozen BN, 13 epochs
     torchrun --nproc_per_node=8 finetune.py --arch fasterrcnn_c4 --protocol jigsaw --backbone resnet50 \\
         --backbone-weights out/r50_jigsaw/export --train-images ... --output-dir out/r50_jigsaw_c4
@@ -36,7 +40,13 @@ a PreDet export's FPN and heads (fpn.safetensors, heads.safetensors) loaded with
         --min-size 192 --max-size 256 --iters 300 --batch-size 4 --lr 0.02 --device cpu --num-workers 2 \\
         --eval-every 100 --protocol-set precise_bn_iters=20 --output-dir runs/quickstart/finetune
 
-Outputs in --output-dir: args.json; log.jsonl (one row per --log-every steps: lr, loss, each loss_<term>);
+Any timm backbone whose features_only maps reach strides 4 to 32 works (detpretrain.backbone: ResNet, RegNet,
+ConvNeXt, EfficientNet, MobileNet, PVT v2); the others are refused in one line. A training image that cannot be used
+(undecodable, truncated, empty, of another size than its annotation) is replaced by a deterministically chosen one and
+reported; past --max-bad-image-fraction the run stops. Input errors are one line on stderr, exit status 1.
+
+Outputs in --output-dir: args.json; log.jsonl (one row per --log-every steps: lr, loss, each loss_<term>, the bad
+images met so far, and the step's FLOPs with --count-flops);
 checkpoint.pth (every --save-every steps and at the end; --resume auto continues it exactly); eval_history.jsonl (one
 row per evaluation: every --eval-every steps and at the end) and ap_curve.png (AP against iterations; needs
 matplotlib, the ``plots`` extra); eval.json (DESIGN.md's metrics, fractions 0..1, plus what produced them: detector,

@@ -31,6 +31,10 @@ is reused by any later run with the same data and settings.
         --train-ann coco/annotations/instances_train2017.json --samples /shared/samples.jigsaw
     # CPU smoke run on the embedded default dataset (no data flags)
     python train_jigsaw.py --model resnet18 --template tiny96 --iters 30 --warmup-iters 5 --batch-size 8 --device cpu
+    # your own VOC or YOLO data (detpretrain.data.sources), the training split only; a small dataset may have no
+    # tall or wide sample: --empty-group borrow draws that region from the nearest group (not the paper's, recorded)
+    python train_jigsaw.py --format voc --train-images raccoon/images --train-ann raccoon/annotations \\
+        --train-split raccoon/train.txt --empty-group borrow --model resnet18 --output-dir ...
     # the ablations: Tab. 1's warp / resize / pad_crop (--table1 sets --fit and block-wise labels, as Tab. 1 was run:
     # PAPER_NOTES.md), Tab. 2's block-wise / global classification
     torchrun --nproc_per_node=8 train_jigsaw.py --table1 warp --model resnet50 --train-images ... --output-dir ...

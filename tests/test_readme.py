@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,8 +73,10 @@ def parser_of(target: str) -> argparse.ArgumentParser:
         is_package = importlib.util.find_spec(target).submodule_search_locations is not None
         module = importlib.import_module(target + ".__main__" if is_package else target)
     else:
-        spec = importlib.util.spec_from_file_location(f"readme_{Path(target).stem}", ROOT / target)
+        name = f"readme_{Path(target).stem}"
+        spec = importlib.util.spec_from_file_location(name, ROOT / target)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # a script's dataclasses look their module up while it executes
         spec.loader.exec_module(module)
     return module.get_args_parser()
 

@@ -44,6 +44,7 @@ from huggingface_hub.errors import (
 from timm.models import get_pretrained_cfg
 from timm.models._hub import save_config_for_hf
 
+from detpretrain.backbone import choose_levels
 from detpretrain.zoo import ZooEntry, find_entry, pretrained_cfg
 
 __all__ = [
@@ -390,7 +391,9 @@ def model_card(*, arch: str, tag: str, entry: ZooEntry | None = None, **card_fie
             "```python",
             "import detpretrain, timm",
             f'model = timm.create_model("{name}", pretrained=True)  # zoo tag, safetensors from the Hub',
-            f'backbone = timm.create_model("{name}", pretrained=True, features_only=True, out_indices=(1, 2, 3, 4))',
+            # the stride 4..32 levels, as finetune.py picks them for this family (detpretrain.backbone)
+            f'backbone = timm.create_model("{name}", pretrained=True, features_only=True, '
+            f"out_indices={choose_levels(arch)})",
             "```",
             "",
             "Without detpretrain, plain timm:",
