@@ -95,6 +95,11 @@ class Preset:
     warmup_fraction: float = 0.05  # of the pre-training steps (the papers' warmups are 1-2% of far longer runs)
 
 
+def flags(text: str) -> tuple[str, ...]:
+    """A command line's flags, written as one string."""
+    return tuple(shlex.split(text))
+
+
 PRESETS = {
     # Jigsaw vs scratch on the embedded default dataset, the same fine-tuning steps: the README's first picture.
     "quickstart": Preset(
@@ -105,24 +110,13 @@ PRESETS = {
         finetune_iters=60,
         scratch_iters=60,
         eval_every=20,
-        finetune_flags=(
-            "--arch",
-            "fasterrcnn",
-            "--min-size",
-            "192",
-            "--max-size",
-            "256",
-            "--batch-size",
-            "2",
-            "--detector-set",
-            "box_batch_size_per_image=128",
-            "rpn_post_nms_top_n_train=300",
-            "--protocol-set",
-            "precise_bn_iters=10",
+        finetune_flags=flags(
+            "--arch fasterrcnn --min-size 192 --max-size 256 --batch-size 2 --detector-set "
+            "box_batch_size_per_image=128 rpn_post_nms_top_n_train=300 --protocol-set precise_bn_iters=10"
         ),
-        jigsaw_flags=("--template", "tiny96", "--batch-size", "16"),
+        jigsaw_flags=flags("--template tiny96 --batch-size 16"),
         jigsaw_iters=100,
-    ),  # fmt: skip
+    ),
     # Four arms x three seeds on a small dataset on a 2-core CPU, within 90 minutes (README "Does it work?"): every
     # arm gets the FLOPs of 150 fine-tuning steps; the pre-trained arms spend 60% of them pre-training.
     "cpu": Preset(
@@ -133,25 +127,14 @@ PRESETS = {
         finetune_iters=60,
         scratch_iters=150,
         eval_every=30,
-        finetune_flags=(
-            "--arch",
-            "fasterrcnn",
-            "--min-size",
-            "128",
-            "--max-size",
-            "192",
-            "--batch-size",
-            "4",
-            "--detector-set",
-            "box_batch_size_per_image=128",
-            "rpn_post_nms_top_n_train=300",
-            "--protocol-set",
-            "precise_bn_iters=10",
+        finetune_flags=flags(
+            "--arch fasterrcnn --min-size 128 --max-size 192 --batch-size 4 --detector-set "
+            "box_batch_size_per_image=128 rpn_post_nms_top_n_train=300 --protocol-set precise_bn_iters=10"
         ),
         # a small dataset may have no tall (or wide) sample: raccoon's training split has none (train_jigsaw.py)
-        jigsaw_flags=("--template", "tiny96", "--batch-size", "16", "--empty-group", "borrow"),
-        predet_flags=("--view-size", "128", "--batch-size", "8"),
-    ),  # fmt: skip
+        jigsaw_flags=flags("--template tiny96 --batch-size 16 --empty-group borrow"),
+        predet_flags=flags("--view-size 128 --batch-size 8"),
+    ),
     # The same on one GPU at a larger scale: ResNet-50, detectron2's image sizes, 3k/9k fine-tuning steps.
     "gpu": Preset(
         arms=ARMS,
@@ -161,10 +144,10 @@ PRESETS = {
         finetune_iters=3000,
         scratch_iters=9000,
         eval_every=500,
-        finetune_flags=("--arch", "fasterrcnn", "--batch-size", "8", "--amp", "bf16"),
-        jigsaw_flags=("--template", "split96", "--batch-size", "64", "--amp", "bf16"),
-        predet_flags=("--view-size", "480", "--batch-size", "16", "--amp", "bf16"),
-    ),  # fmt: skip
+        finetune_flags=flags("--arch fasterrcnn --batch-size 8 --amp bf16"),
+        jigsaw_flags=flags("--template split96 --batch-size 64 --amp bf16"),
+        predet_flags=flags("--view-size 480 --batch-size 16 --amp bf16"),
+    ),
 }
 
 

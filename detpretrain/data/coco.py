@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from detpretrain.data.detection import Category, DatasetError, DetectionDataset, ImageEntry, clean_boxes, read_json
-from detpretrain.data.image_lists import add_detail
+from detpretrain.data.image_lists import add_detail, count_cleaning
 
 __all__ = ["CocoDataset", "parse_coco_json"]
 
@@ -224,15 +224,14 @@ def parse_coco_json(
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
         boxes, outcome = clean_boxes(xyxy, width=width, height=height)
-        for key, mask in (
-            ("dropped_nonpositive_size", outcome["nonpositive"]),
-            ("dropped_outside_image", outcome["outside"]),
-            ("clipped_to_image", outcome["clipped"]),
-        ):
-            report[key] += int(mask.sum())
-            for k in np.flatnonzero(mask):
-                text = f"{where}: annotation {anns[k].get('id')} of {paths[image_id]}, bbox {anns[k]['bbox']}"
-                add_detail(details, key, text)
+        count_cleaning(
+            outcome,
+            report=report,
+            details=details,
+            describe=lambda k, anns=anns, path=paths[image_id]: (
+                f"{where}: annotation {anns[k].get('id')} of {path}, bbox {anns[k]['bbox']}"
+            ),
+        )
         keep = outcome["keep"]
         segmentations = None
         if with_masks:

@@ -21,6 +21,7 @@ permutation from numpy's PCG64 seeded with N, become the validation set; the res
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolder",
     "add_detail",
+    "count_cleaning",
     "holdout_split",
     "image_size",
     "read_split_file",
@@ -163,3 +165,27 @@ def add_detail(details: dict[str, list[str]] | None, key: str, text: str) -> Non
     notes = details.setdefault(key, [])
     if len(notes) < DETAIL_LIMIT:
         notes.append(text)
+
+
+# clean_boxes' outcome masks (detpretrain.data.detection) -> the cleaning_report keys that count them
+CLEANING_OUTCOMES = (
+    ("dropped_nonpositive_size", "nonpositive"),
+    ("dropped_outside_image", "outside"),
+    ("clipped_to_image", "clipped"),
+)
+
+
+def count_cleaning(
+    outcome: dict[str, np.ndarray],
+    *,
+    report: dict[str, int],
+    details: dict[str, list[str]] | None,
+    describe: Callable[[int], str],
+) -> None:
+    """Add ``clean_boxes``' outcome for one image to a ``cleaning_report`` (dropped and clipped counts), and note each
+    dropped or clipped box as ``describe(k)`` (its file and the k-th box) under its key in ``details``."""
+    for key, mask_name in CLEANING_OUTCOMES:
+        mask = outcome[mask_name]
+        report[key] += int(mask.sum())
+        for k in np.flatnonzero(mask):
+            add_detail(details, key, describe(int(k)))

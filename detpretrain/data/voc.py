@@ -55,7 +55,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from detpretrain.data.detection import Category, DatasetError, DetectionDataset, ImageEntry, clean_boxes
-from detpretrain.data.image_lists import ImageFolder, add_detail, image_size
+from detpretrain.data.image_lists import ImageFolder, add_detail, count_cleaning, image_size
 
 __all__ = [
     "VOC_CLASSES",
@@ -363,14 +363,12 @@ def voc_entry(
     # VocObject.box: the XML's 1-based inclusive pixel indices as 0-based continuous xyxy (module docstring).
     xyxy = np.array([obj.box for obj in objects], dtype=np.float64).reshape(-1, 4)
     boxes, outcome = clean_boxes(xyxy, width=width, height=height)
-    for key, mask in (
-        ("dropped_nonpositive_size", outcome["nonpositive"]),
-        ("dropped_outside_image", outcome["outside"]),
-        ("clipped_to_image", outcome["clipped"]),
-    ):
-        report[key] += int(mask.sum())
-        for k in np.flatnonzero(mask):
-            add_detail(details, key, f"{xml_path}: object {k} ({objects[k].name}) {list(objects[k].bndbox)}")
+    count_cleaning(
+        outcome,
+        report=report,
+        details=details,
+        describe=lambda k: f"{xml_path}: object {k} ({objects[k].name}) {list(objects[k].bndbox)}",
+    )
     keep = outcome["keep"]
     report["kept"] += int(keep.sum())
     if not keep.any():

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from detpretrain.data.detection import Category, DatasetError, DetectionDataset, ImageEntry, clean_boxes
-from detpretrain.data.image_lists import ImageFolder, add_detail, image_size
+from detpretrain.data.image_lists import ImageFolder, add_detail, count_cleaning, image_size
 
 __all__ = ["CLEANING_KEYS", "YoloDataYaml", "YoloDataset", "label_path", "read_data_yaml", "read_yolo_labels"]
 
@@ -155,16 +155,14 @@ class YoloDataset(DetectionDataset):
             scale = np.array([width, height, width, height], dtype=np.float64)
             xyxy = np.concatenate([centers - sizes / 2, centers + sizes / 2], axis=1) * scale
             boxes, outcome = clean_boxes(xyxy, width=width, height=height)
-            for key, mask in (
-                ("dropped_nonpositive_size", outcome["nonpositive"]),
-                ("dropped_outside_image", outcome["outside"]),
-                ("clipped_to_image", outcome["clipped"]),
-            ):
-                report[key] += int(mask.sum())
-                for k in np.flatnonzero(mask):
-                    add_detail(
-                        details, key, f"{labels_file}: object {k} (class {int(rows[k, 0])}) {rows[k, 1:].tolist()}"
-                    )
+            count_cleaning(
+                outcome,
+                report=report,
+                details=details,
+                describe=lambda k, where=labels_file, rows=rows: (
+                    f"{where}: object {k} (class {int(rows[k, 0])}) {rows[k, 1:].tolist()}"
+                ),
+            )
             keep = outcome["keep"]
             report["kept"] += int(keep.sum())
             if not keep.any():
